@@ -1,0 +1,24 @@
+//! One layer of a disk-image chain.
+//!
+//! * [`Driver`] — the format-driver interface: where a guest range of this
+//!   layer lives, and how to make a range writable.
+//! * [`qcow2`], [`qed`], [`raw`] — the drivers.
+//! * [`Storage`] — the byte storage under a driver (the I/O backend).
+//! * [`Image`] — an open layer file: driver + path, with the generic read
+//!   and copy-on-write paths every user shares.
+#![warn(missing_docs)]
+
+pub mod driver;
+pub mod error;
+pub mod image;
+pub mod qcow2;
+pub mod qed;
+pub mod raw;
+pub mod storage;
+
+pub use driver::{BackingFile, Driver, Extent, Format, HostRun, InfoValue, LayerInfo, Status};
+pub use error::{Error, ErrorKind, Result, ResultExt};
+pub use image::{
+    probe, CreateOptions, GuestRead, Image, OpenOptions, RangeGuard, RangeLocks, Zeros,
+};
+pub use storage::{Allocation, IoReq, Storage, SyncFile};
