@@ -79,7 +79,7 @@ impl Error {
         Error {
             kind,
             path: None,
-            msg: format!("{}: {}", what.into(), err),
+            msg: format!("{}: {}", what.into(), os_message(&err)),
             source: Some(err),
         }
     }
@@ -110,6 +110,15 @@ impl Error {
     /// The underlying OS error, if this is an I/O error.
     pub fn io_error(&self) -> Option<&io::Error> {
         self.source.as_ref()
+    }
+}
+
+/// An I/O error's text without Rust's " (os error N)" suffix.
+fn os_message(err: &io::Error) -> String {
+    let s = err.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
 

@@ -184,8 +184,12 @@ impl Image {
                 }
             }
         };
-        r.and_then(|()| storage.flush().map_err(|e| Error::io("flushing", e)))
-            .at(path)
+        let r = r.and_then(|()| storage.flush().map_err(|e| Error::io("flushing", e)));
+        if r.is_err() {
+            // Leave no half-made image behind.
+            let _ = std::fs::remove_file(path);
+        }
+        r.at(path)
     }
 
     /// The path the image was opened with.

@@ -1,0 +1,162 @@
+//! `imgpull`: pull disk-image backing chains; inspect and map them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use imgpull_image::Format;
+
+mod create;
+mod info;
+mod map;
+mod size;
+
+#[derive(Parser)]
+#[command(
+    name = "imgpull",
+    version,
+    about = "Disk-image block jobs on qcow2, QED and raw backing chains",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Output format, as qemu-img's `--output`.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+/// Image formats accepted by `-f` / `-F`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Fmt {
+    Qcow2,
+    Qed,
+    Raw,
+}
+
+impl From<Fmt> for Format {
+    fn from(f: Fmt) -> Format {
+        match f {
+            Fmt::Qcow2 => Format::Qcow2,
+            Fmt::Qed => Format::Qed,
+            Fmt::Raw => Format::Raw,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show an image's format, size, backing file and format details
+    /// (the fields and key names of `qemu-img info`).
+    Info {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Show every image of the backing chain, top first.
+        #[arg(long)]
+        backing_chain: bool,
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<Fmt>,
+        /// The image.
+        image: PathBuf,
+    },
+    /// Print the allocation map of the whole backing chain, identical to
+    /// `qemu-img map`.
+    Map {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<Fmt>,
+        /// The image.
+        image: PathBuf,
+    },
+    /// Create a qcow2 or QED image, or an overlay over a backing file,
+    /// with qemu-img's defaults.
+    Create {
+        /// Format of the new image.
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Fmt,
+        /// Backing file to record (relative names are relative to IMAGE's directory).
+        #[arg(short = 'b', long = "backing")]
+        backing: Option<String>,
+        /// Format of the backing file.
+        #[arg(short = 'F', long = "backing-format", value_enum)]
+        backing_format: Option<Fmt>,
+        /// Do not open the backing file (its size is then not known: give SIZE).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        /// Format options, `key=value[,key=value...]` (e.g. cluster_size=4k,compat=0.10).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Quiet: print nothing on success.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image to create.
+        image: PathBuf,
+        /// Virtual size in bytes, with an optional k/M/G/T suffix (default: the backing file's).
+        #[arg(value_parser = size::parse_size)]
+        size: Option<u64>,
+    },
+}
+
+fn run(cli: Cli) -> imgpull_image::Result<()> {
+    match cli.cmd {
+        Cmd::Info {
+            output,
+            backing_chain,
+            format,
+            image,
+        } => info::run(
+            &image,
+            format.map(Into::into),
+            output == Output::Json,
+            backing_chain,
+        ),
+        Cmd::Map {
+            output,
+            format,
+            image,
+        } => map::run(&image, format.map(Into::into), output == Output::Json),
+        Cmd::Create {
+            format,
+            backing,
+            backing_format,
+            unsafe_backing,
+            options,
+            quiet,
+            image,
+            size,
+        } => {
+            let options = create::parse_options(&options)
+                .map_err(|m| imgpull_image::Error::invalid_argument(m).with_path(&image))?;
+            create::run(create::Request {
+                path: &image,
+                format: format.into(),
+                backing: backing.as_deref(),
+                backing_format: backing_format.map(Into::into),
+                unsafe_backing,
+                options,
+                size,
+                quiet,
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgpull: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
