@@ -90,6 +90,11 @@ pub struct ChainExtent {
     pub depth: usize,
     /// The answering layer's status.
     pub status: Status,
+    /// `true` when the walk stopped because the range lies beyond the end
+    /// of the layer below `depth` (a shorter backing file): the range reads
+    /// as zeros even though a lower layer (e.g. a kept base) may hold data
+    /// at that offset.
+    pub past_end: bool,
 }
 
 /// An open backing chain, top first.
@@ -295,6 +300,7 @@ impl Chain {
                     len: ext.len,
                     depth: d,
                     status: ext.status,
+                    past_end: false,
                 });
             }
             let next_size = layers[d + 1].virtual_size();
@@ -304,6 +310,7 @@ impl Chain {
                     len: ext.len,
                     depth: d,
                     status: Status::Unallocated,
+                    past_end: true,
                 });
             }
             len = ext.len.min(next_size - offset);
