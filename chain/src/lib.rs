@@ -27,6 +27,8 @@ pub struct ChainOptions {
     pub format: Option<Format>,
     /// Open the top image for writing (backing images are always read-only).
     pub writable: bool,
+    /// Take no locks (qemu-img's `-U`); read-only chains only.
+    pub force_share: bool,
 }
 
 /// Whether a backing name is a `json:` or protocol pseudo-filename
@@ -150,6 +152,7 @@ impl Chain {
             &OpenOptions {
                 writable: opts.writable,
                 format: opts.format,
+                force_share: opts.force_share,
             },
         )?;
         let mut seen = HashSet::new();
@@ -182,6 +185,7 @@ impl Chain {
                 &OpenOptions {
                     writable: false,
                     format,
+                    force_share: opts.force_share,
                 },
             )
             .map_err(|e| {

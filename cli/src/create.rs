@@ -90,7 +90,7 @@ pub fn run(req: Request<'_>) -> Result<()> {
                 &bpath,
                 &ChainOptions {
                     format: Some(fmt),
-                    writable: false,
+                    ..Default::default()
                 },
             )
             .map_err(|e| {

@@ -135,13 +135,20 @@ pub fn info_human(img: &Image) -> Result<String> {
 }
 
 /// Run `imgpull info`.
-pub fn run(path: &Path, format: Option<Format>, json: bool, backing_chain: bool) -> Result<()> {
+pub fn run(
+    path: &Path,
+    format: Option<Format>,
+    json: bool,
+    backing_chain: bool,
+    force_share: bool,
+) -> Result<()> {
     let images: Vec<std::sync::Arc<Image>> = if backing_chain {
         let chain = Chain::open(
             path,
             &ChainOptions {
                 format,
                 writable: false,
+                force_share,
             },
         )?;
         chain.layers().iter().cloned().collect()
@@ -151,6 +158,7 @@ pub fn run(path: &Path, format: Option<Format>, json: bool, backing_chain: bool)
             &OpenOptions {
                 writable: false,
                 format,
+                force_share,
             },
         )?)]
     };

@@ -62,6 +62,9 @@ enum Cmd {
         /// Image format (probed when omitted).
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<Fmt>,
+        /// Open without taking locks, even if another process uses the image.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// The image.
         image: PathBuf,
     },
@@ -74,6 +77,9 @@ enum Cmd {
         /// Image format (probed when omitted).
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<Fmt>,
+        /// Open without taking locks, even if another process uses the image.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// The image.
         image: PathBuf,
     },
@@ -112,18 +118,26 @@ fn run(cli: Cli) -> imgpull_image::Result<()> {
             output,
             backing_chain,
             format,
+            force_share,
             image,
         } => info::run(
             &image,
             format.map(Into::into),
             output == Output::Json,
             backing_chain,
+            force_share,
         ),
         Cmd::Map {
             output,
             format,
+            force_share,
             image,
-        } => map::run(&image, format.map(Into::into), output == Output::Json),
+        } => map::run(
+            &image,
+            format.map(Into::into),
+            output == Output::Json,
+            force_share,
+        ),
         Cmd::Create {
             format,
             backing,

@@ -17,12 +17,13 @@ fn hex16(v: u64) -> String {
 }
 
 /// Run `imgpull map`.
-pub fn run(path: &Path, format: Option<Format>, json: bool) -> Result<()> {
+pub fn run(path: &Path, format: Option<Format>, json: bool, force_share: bool) -> Result<()> {
     let chain = Chain::open(
         path,
         &ChainOptions {
             format,
             writable: false,
+            force_share,
         },
     )?;
     let entries = chain.map()?;

@@ -8,7 +8,7 @@ use std::sync::{Condvar, Mutex};
 use crate::driver::{BackingFile, Driver, Extent, Format, LayerInfo, Status};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::storage::{Storage, SyncFile};
-use crate::{qcow2, qed, raw};
+use crate::{lock, qcow2, qed, raw};
 
 /// Reads guest data from whatever lies below a layer (its backing chain).
 /// Implementations read zeros past their own end.
@@ -35,6 +35,9 @@ pub struct OpenOptions {
     pub writable: bool,
     /// The format, or `None` to probe it from the header.
     pub format: Option<Format>,
+    /// Take no locks and ignore other processes' locks (qemu-img's `-U`,
+    /// `--force-share`); only for reading.
+    pub force_share: bool,
 }
 
 /// Options for creating an image.
@@ -143,6 +146,15 @@ impl Image {
         let file = open_file(path, opts.writable, false)?;
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(Error::invalid_argument("is a directory").with_path(path));
+        }
+        if opts.force_share && opts.writable {
+            return Err(
+                Error::invalid_argument("force-share is only allowed for read-only opens")
+                    .with_path(path),
+            );
+        }
+        if !opts.force_share {
+            lock::lock_image(&file, opts.writable).at(path)?;
         }
         let storage = open_storage(file);
         let format = match opts.format {
@@ -471,7 +483,7 @@ mod tests {
             &p,
             &OpenOptions {
                 writable: true,
-                format: None,
+                ..Default::default()
             },
         )
         .unwrap();

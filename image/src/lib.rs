@@ -11,6 +11,7 @@
 pub mod driver;
 pub mod error;
 pub mod image;
+pub mod lock;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
