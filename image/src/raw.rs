@@ -12,11 +12,14 @@ pub struct Raw {
 }
 
 impl Raw {
-    /// Open a raw image over `storage`; its size is the file's length.
+    /// Open a raw image over `storage`. Its size is the file's length
+    /// rounded up to whole 512-byte sectors, as QEMU sees it; the tail past
+    /// the end of the file reads as zeros.
     pub fn open(storage: Box<dyn Storage>) -> Result<Raw> {
-        let size = storage
+        let len = storage
             .len()
             .map_err(|e| Error::io("reading file size", e))?;
+        let size = len.div_ceil(512) * 512;
         Ok(Raw { storage, size })
     }
 
