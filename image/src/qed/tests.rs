@@ -1,0 +1,1 @@
+//! qemu-based tests of the QED driver.
