@@ -399,6 +399,28 @@ mod tests {
     }
 
     #[test]
+    fn offset_problems_are_named() {
+        let mut g = Geometry::new(4096, 4).unwrap();
+        g.header_bytes = 3 * 4096;
+        let end = 100 * 4096;
+        assert_eq!(g.data_offset_problem(4096, end), "inside the header");
+        assert_eq!(
+            g.data_offset_problem(5 * 4096 + 8, end),
+            "not cluster-aligned"
+        );
+        assert_eq!(g.data_offset_problem(end, end), "past the end of the file");
+        assert_eq!(g.data_offset_problem(end - 4096, end), "valid");
+        assert!(g.data_offset_valid(end - 4096, end));
+        assert_eq!(g.table_offset_problem(4096, end), "inside the header");
+        assert_eq!(
+            g.table_offset_problem(end - 4096, end),
+            "past the end of the file"
+        );
+        assert!(g.table_offset_valid(end - 4 * 4096, end));
+        assert!(!g.table_offset_valid(!4095, u64::MAX));
+    }
+
+    #[test]
     fn huge_geometry_saturates() {
         let g = Geometry::new(64 << 20, 16).unwrap();
         assert_eq!(g.max_image_size(), u64::MAX);
