@@ -7,7 +7,7 @@ use std::sync::{Condvar, Mutex};
 
 use crate::driver::{BackingFile, Driver, Extent, Format, LayerInfo, Status};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::storage::{Storage, SyncFile};
+use crate::storage::Storage;
 use crate::{lock, qcow2, qed, raw};
 
 /// Reads guest data from whatever lies below a layer (its backing chain).
@@ -134,9 +134,11 @@ fn open_file(path: &Path, writable: bool, create: bool) -> Result<File> {
         })
 }
 
-/// Open the byte storage of a file with the configured I/O backend.
-pub fn open_storage(file: File) -> Box<dyn Storage> {
-    Box::new(SyncFile::new(file))
+/// Open the byte storage of a file with the configured I/O backend:
+/// io_uring when available, else pread, unless `IMGPULL_IO_BACKEND` /
+/// `IMGPULL_O_DIRECT` say otherwise (see [`crate::uring`]).
+pub fn open_storage(file: File) -> Result<Box<dyn Storage>> {
+    crate::uring::open_from_env(file)
 }
 
 impl Image {
@@ -156,7 +158,7 @@ impl Image {
         if !opts.force_share {
             lock::lock_image(&file, opts.writable).at(path)?;
         }
-        let storage = open_storage(file);
+        let storage = open_storage(file).at(path)?;
         let format = match opts.format {
             Some(f) => f,
             None => probe(&*storage).at(path)?,
@@ -178,7 +180,13 @@ impl Image {
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         let path = path.as_ref();
         let file = open_file(path, true, true)?;
-        let storage = open_storage(file);
+        let storage = match open_storage(file) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e.with_path(path));
+            }
+        };
         let r = match opts.format {
             Format::Qcow2 => {
                 qcow2::create(&*storage, opts.size, opts.backing.as_ref(), &opts.options)
