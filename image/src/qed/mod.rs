@@ -567,7 +567,10 @@ impl Driver for Qed {
             virtual_size: self.image_size,
             cluster_size: Some(self.geo.cluster_size),
             backing: meta.backing.clone(),
-            dirty: meta.header.features & F_NEED_CHECK != 0,
+            // qemu-img 10 reports `dirty-flag: false` for QED whatever the
+            // NEED_CHECK bit says (that bit is handled on open instead);
+            // we give qemu-img's answer.
+            dirty: false,
             format_specific: Vec::new(),
         }
     }
