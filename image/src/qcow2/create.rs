@@ -272,7 +272,11 @@ pub fn create(
         if p.lazy {
             h.compatible |= COMPAT_LAZY;
         }
-        h.extensions.push(feature_table());
+        // qemu-img writes the feature name table only for clusters of
+        // 8 KiB and more (leaving room for a backing file name otherwise).
+        if cs >= 8192 {
+            h.extensions.push(feature_table());
+        }
     }
     h.set_backing_format(p.backing.as_ref().and_then(|b| b.format.as_deref()));
     let hdr = h.encode()?;

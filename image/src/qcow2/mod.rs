@@ -361,8 +361,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Allocate `n` contiguous host clusters.
-    fn alloc_clusters(&self, n: u64) -> Result<u64> {
+    /// Allocate `n` host clusters, as contiguous extents
+    /// `(byte offset, clusters)` in order.
+    fn alloc_clusters(&self, n: u64) -> Result<Vec<(u64, u64)>> {
         let mut a = lock(&self.alloc);
         let off = a.alloc(&*self.storage, n)?;
         self.limit.fetch_max(a.limit(), Ordering::AcqRel);

@@ -216,34 +216,33 @@ impl Refcounts {
         })
     }
 
-    /// First cluster `c >= cursor` with `[c, c + n)` free.
-    fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
-        let e = 1u64 << self.eb;
-        let mut start = self.cursor;
-        let mut c = start;
-        while c - start < n {
-            let idx = c >> self.eb;
-            let present = self.table.get(idx as usize).is_some_and(|t| t & !511 != 0);
-            if !present {
-                // The whole block range is free (or beyond the table).
-                if self.is_protected(c) {
-                    return Err(self.protected_error(c));
-                }
-                c = (idx + 1) * e;
-                continue;
-            }
-            let rc = self.get(storage, c)?;
-            if rc != 0 {
-                c += 1;
-                start = c;
-            } else {
-                if self.is_protected(c) {
-                    return Err(self.protected_error(c));
-                }
-                c += 1;
+    fn present(&self, idx: u64) -> bool {
+        self.table.get(idx as usize).is_some_and(|t| t & !511 != 0)
+    }
+
+    /// The first free cluster at or after the cursor and the length of the
+    /// free run starting there (at most `max`, within allocated refcount
+    /// blocks; 1 if its block is missing).
+    fn find_run(&mut self, storage: &dyn Storage, max: u64) -> Result<(u64, u64)> {
+        let mut c = self.cursor;
+        while self.present(c >> self.eb) && self.get(storage, c)? != 0 {
+            c += 1;
+        }
+        if self.is_protected(c) {
+            return Err(self.protected_error(c));
+        }
+        self.cursor = c;
+        let mut end = c + 1;
+        if self.present(c >> self.eb) {
+            while end - c < max
+                && self.present(end >> self.eb)
+                && self.get(storage, end)? == 0
+                && !self.is_protected(end)
+            {
+                end += 1;
             }
         }
-        Ok(start)
+        Ok((c, end - c))
     }
 
     fn protected_error(&self, cluster: u64) -> Error {
@@ -252,29 +251,35 @@ impl Refcounts {
         ))
     }
 
-    /// Allocate `n` contiguous host clusters (refcount 1, written through)
-    /// and return the byte offset of the first.
-    pub fn alloc(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
-        assert!(n > 0);
-        for _ in 0..64 {
-            let c = self.find_free(storage, n)?;
-            let (first, last) = (c >> self.eb, (c + n - 1) >> self.eb);
-            let missing =
-                (first..=last).find(|&i| self.table.get(i as usize).is_none_or(|t| t & !511 == 0));
-            if let Some(idx) = missing {
+    /// Allocate `n` host clusters (refcount 1, written through), as few
+    /// contiguous extents as the free space allows: `(byte offset, clusters)`.
+    pub fn alloc(&mut self, storage: &dyn Storage, n: u64) -> Result<Vec<(u64, u64)>> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let (c, r) = self.find_run(storage, left)?;
+            let idx = c >> self.eb;
+            if !self.present(idx) {
                 self.new_block(storage, idx)?;
+                if !self.present(idx) {
+                    return Err(Error::invalid(
+                        "cannot create a refcount block (refcount structure inconsistent)",
+                    ));
+                }
                 continue;
             }
-            self.adjust_range(storage, c, n, 1)?;
-            if c == self.cursor {
-                self.cursor = c + n;
+            self.adjust_range(storage, c, r, 1)?;
+            self.cursor = c + r;
+            self.limit = self.limit.max((c + r) << self.cluster_bits);
+            match out.last_mut() {
+                Some(last) if last.0 + (last.1 << self.cluster_bits) == c << self.cluster_bits => {
+                    last.1 += r
+                }
+                _ => out.push((c << self.cluster_bits, r)),
             }
-            self.limit = self.limit.max((c + n) << self.cluster_bits);
-            return Ok(c << self.cluster_bits);
+            left -= r;
         }
-        Err(Error::invalid(
-            "cannot find free host clusters (refcount structure inconsistent)",
-        ))
+        Ok(out)
     }
 
     /// Add `delta` (+1 or -1) to the refcounts of clusters `[c, c + n)`,

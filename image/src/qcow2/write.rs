@@ -70,6 +70,10 @@ impl Qcow2 {
         let end = offset + len;
         let first = offset >> g.cluster_bits;
         let last = (end - 1) >> g.cluster_bits;
+        // Prepares are serialised (lock order: pending, map, alloc), so that
+        // writers into different subclusters of one cluster agree on its
+        // host cluster.
+        let mut pend = lock(&self.pending);
         let entries = self.read_entries(first, last - first + 1)?;
         let mut plans = Vec::with_capacity(entries.len());
         for (k, &(e, _)) in entries.iter().enumerate() {
@@ -92,9 +96,6 @@ impl Qcow2 {
             plans.push(plan);
         }
         if plans.iter().any(|p| matches!(p, Plan::New(_))) {
-            // Serialise allocating prepares so that two writers into
-            // different subclusters of one cluster share its new host cluster.
-            let mut pend = lock(&self.pending);
             let mut k = 0;
             while k < plans.len() {
                 if !matches!(plans[k], Plan::New(_)) {
@@ -118,9 +119,11 @@ impl Qcow2 {
                 {
                     j += 1;
                 }
-                let base = self.alloc_clusters((j - k) as u64)?;
-                for (n, i) in (k..j).enumerate() {
-                    let host = base + n as u64 * cs;
+                let extents = self.alloc_clusters((j - k) as u64)?;
+                let hosts = extents
+                    .iter()
+                    .flat_map(|&(off, n)| (0..n).map(move |x| off + x * cs));
+                for (i, host) in (k..j).zip(hosts) {
                     plans[i] = Plan::New(host);
                     let ci = first + i as u64;
                     let cstart = ci << g.cluster_bits;
@@ -146,6 +149,7 @@ impl Qcow2 {
                 k = j;
             }
         }
+        drop(pend);
         // Build the runs.
         let mut runs: Vec<HostRun> = Vec::new();
         let mut add = |guest: u64, host: u64, len: u64, fresh: bool| {
@@ -363,7 +367,7 @@ impl Qcow2 {
                 }
                 None if !allocate => {}
                 None => {
-                    let off = self.alloc_clusters(1)?;
+                    let off = self.alloc_clusters(1)?[0].0;
                     let mut t = vec![0u64; (g.cs() / 8) as usize];
                     set(&mut t);
                     self.storage
