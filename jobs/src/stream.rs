@@ -1,0 +1,1010 @@
+//! The stream job (libvirt's block pull, QEMU's `block-stream`): copy into
+//! the top layer everything it reads from the layers above the base, then
+//! point the top at the base (or at nothing).
+//!
+//! The loop follows QEMU's `block/stream.c`: walk the top's guest address
+//! space; ranges allocated in the top are skipped (they still count as
+//! progress); for a range unallocated in the top, ask where it lives above
+//! the base and copy what is there:
+//!
+//! * data in a layer → read from that layer's file at its host offset and
+//!   written into freshly prepared clusters of the top, then committed
+//!   (data before mapping);
+//! * compressed clusters → decompressed through the layer's driver;
+//! * zero ranges (and ranges past the end of a shorter intermediate
+//!   backing, which read as zeros but would uncover the kept base) → zero
+//!   clusters in the top; where the format cannot say "zero" (qcow2 v2 over
+//!   a backing file) zeros are written as data only where the base would
+//!   otherwise show through;
+//! * ranges unallocated all the way down to the base → left unallocated.
+//!
+//! The unit of copying is the top's granularity (cluster, or subcluster
+//! with extended L2): a granule that must be allocated gets its whole
+//! guest content, reading what lies below for the parts that are not
+//! copied from an intermediate layer (copy-on-write).
+//!
+//! A dispatcher thread walks the image and hands ranges (up to 4 MiB,
+//! merged across clusters) to worker threads, several in flight. Each
+//! worker holds the top's range lock for its range and re-checks the
+//! range is still unallocated in the top (guest writes may race with the
+//! job), reads its sources in [`Storage::submit`] batches, prepares, writes
+//! and commits. Under a speed limit, data is written in small pieces, each
+//! charged to the token bucket just before it is written; only copied
+//! bytes are charged.
+//!
+//! At the end the top is flushed, then its backing file is rewritten to
+//! the base (absolute path, or relative to the top's directory) or
+//! removed, then the chain's layer list drops the streamed layers. A
+//! cancel leaves the backing link and everything copied so far; a new
+//! stream resumes where this one stopped.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use imgpull_chain::Chain;
+use imgpull_image::{
+    BackingFile, Error, ErrorKind, Extent, Format, GuestRead, HostRun, Image, IoReq, Result,
+    ResultExt, Status, Zeros,
+};
+
+use crate::event::{ErrorAction, IoOperation};
+use crate::job::{JobContext, JobDriver, RunError, Throttle};
+use crate::ratelimit::piece_for;
+use crate::status::JobType;
+
+/// Largest range handed to one worker when there is no speed limit.
+pub const MAX_CHUNK: u64 = 4 << 20;
+/// Default number of worker threads.
+pub const DEFAULT_WORKERS: usize = 4;
+
+/// How to stream.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// Index (in the chain's layer list, 0 = top) of the base to keep;
+    /// `None` pulls the whole chain and leaves the top without a backing
+    /// file.
+    pub base: Option<usize>,
+    /// Record the base's path relative to the top's directory instead of
+    /// its absolute path.
+    pub keep_relative: bool,
+    /// Record exactly this backing file name (QMP's `backing-file`; not
+    /// validated) instead of a computed one.
+    pub backing_file: Option<String>,
+    /// Worker threads copying in parallel.
+    pub workers: usize,
+    /// Largest range per worker request without a speed limit.
+    pub max_chunk: u64,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            base: None,
+            keep_relative: false,
+            backing_file: None,
+            workers: DEFAULT_WORKERS,
+            max_chunk: MAX_CHUNK,
+        }
+    }
+}
+
+/// The stream job's driver: run it with [`crate::Job`].
+pub struct StreamJob {
+    chain: Arc<Chain>,
+    layers: Arc<Vec<Arc<Image>>>,
+    base: Option<usize>,
+    new_backing: Option<BackingFile>,
+    workers: usize,
+    max_chunk: u64,
+}
+
+impl std::fmt::Debug for StreamJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamJob")
+            .field("top", &self.layers[0].path())
+            .field("depth", &self.layers.len())
+            .field("base", &self.base)
+            .field("new_backing", &self.new_backing)
+            .finish()
+    }
+}
+
+/// Where the bytes of one piece of a range come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    /// Data of the layer at `depth`, at host offset `host` (of the piece's
+    /// first byte).
+    Data { depth: usize, host: u64 },
+    /// Compressed clusters of the layer at `depth`.
+    Compressed { depth: usize },
+    /// Reads as zeros and must keep doing so.
+    Zero,
+    /// Unallocated above the base: whatever the base shows, now and after.
+    Base,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    off: u64,
+    len: u64,
+    src: Src,
+}
+
+impl Piece {
+    fn end(&self) -> u64 {
+        self.off + self.len
+    }
+}
+
+/// What to do with one granule of the top.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    /// Leave unallocated.
+    Leave,
+    /// Make a zero cluster (with a fallback when the format cannot).
+    Zero,
+    /// Allocate and write the granule's whole content.
+    Write,
+}
+
+/// A range for a worker.
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    off: u64,
+    len: u64,
+}
+
+/// A failed task.
+struct Failure {
+    err: Error,
+    op: IoOperation,
+}
+
+type TaskResult = std::result::Result<(), Failure>;
+
+fn read_err(e: Error) -> Failure {
+    Failure {
+        err: e,
+        op: IoOperation::Read,
+    }
+}
+
+fn write_err(e: Error) -> Failure {
+    Failure {
+        err: e,
+        op: IoOperation::Write,
+    }
+}
+
+/// `(dev, inode)` of an open image's file.
+fn image_id(img: &Image) -> Option<(u64, u64)> {
+    let m = img.storage().file().metadata().ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+fn path_id(p: &Path) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// `p` with `.` removed and `..` applied to the preceding component,
+/// without asking the file system (like Python's `os.path.normpath`).
+fn lexical_normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() && !out.has_root() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// The relative path leading from directory `dir` to `target`; both must
+/// be absolute and normalized.
+fn relative_path(dir: &Path, target: &Path) -> PathBuf {
+    let d: Vec<_> = dir.components().collect();
+    let t: Vec<_> = target.components().collect();
+    let common = d.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..d.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+/// The name a top should record for `base`: its absolute path (tidied
+/// when that still names the same file), or with `relative` its path
+/// relative to the top's directory. Fails when no name that resolves to
+/// the base can be found.
+pub fn backing_name(top: &Image, base: &Image, relative: bool) -> Result<String> {
+    let want = image_id(base);
+    let abs = std::path::absolute(base.path())
+        .map_err(|e| Error::io("resolving the base's path", e).with_path(base.path()))?;
+    let canonical = std::fs::canonicalize(base.path()).ok();
+    let mut candidates = vec![lexical_normalize(&abs), abs.clone()];
+    candidates.extend(canonical.clone());
+    if !relative {
+        for c in candidates {
+            if want.is_some() && path_id(&c) == want {
+                return Ok(c.to_string_lossy().into_owned());
+            }
+        }
+        return Ok(abs.to_string_lossy().into_owned());
+    }
+    let top_dir_as_named = top
+        .path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let top_abs = std::path::absolute(top.path())
+        .map_err(|e| Error::io("resolving the image's path", e).with_path(top.path()))?;
+    let mut dirs = Vec::new();
+    if let Some(d) = top_abs.parent() {
+        dirs.push(lexical_normalize(d));
+    }
+    if let Some(d) = std::fs::canonicalize(top.path())
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        dirs.push(d);
+    }
+    for dir in &dirs {
+        for target in &candidates {
+            let rel = relative_path(dir, &lexical_normalize(target));
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let resolved = if top_dir_as_named.as_os_str().is_empty() {
+                rel.clone()
+            } else {
+                top_dir_as_named.join(&rel)
+            };
+            if want.is_some() && path_id(&resolved) == want {
+                return Ok(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    Err(Error::invalid_argument(format!(
+        "cannot name the base '{}' relative to the directory of the image",
+        base.path().display()
+    ))
+    .with_path(top.path()))
+}
+
+/// The backing format a top of format `top` records for a base of format
+/// `base`: the base's format name, except that QED can only record "raw"
+/// (any other base is recorded without a format and probed).
+pub fn backing_format(top: Format, base: Format) -> Option<String> {
+    match top {
+        Format::Qed => (base == Format::Raw).then(|| "raw".to_string()),
+        _ => Some(base.name().to_string()),
+    }
+}
+
+fn align_down(v: u64, g: u64) -> u64 {
+    v / g * g
+}
+
+impl StreamJob {
+    /// A stream of `chain` (whose top must be open for writing and be
+    /// qcow2 or QED) into its top, keeping the layer at `opts.base`.
+    pub fn new(chain: Arc<Chain>, opts: &StreamOptions) -> Result<StreamJob> {
+        let layers = chain.layers();
+        let top = &layers[0];
+        if top.format() == Format::Raw {
+            return Err(Error::unsupported(
+                "a raw image has no backing file and nothing to pull into",
+            )
+            .with_path(top.path()));
+        }
+        if !top.is_writable() {
+            return Err(
+                Error::new(ErrorKind::ReadOnly, "image is opened read-only").with_path(top.path())
+            );
+        }
+        let base = match opts.base {
+            Some(0) => {
+                return Err(Error::invalid_argument(
+                    "the base must be below the image, not the image itself",
+                )
+                .with_path(top.path()))
+            }
+            Some(b) if b >= layers.len() => {
+                return Err(Error::invalid_argument(format!(
+                    "base index {b} is outside the backing chain ({} layers)",
+                    layers.len()
+                ))
+                .with_path(top.path()))
+            }
+            b => b,
+        };
+        let new_backing = match base {
+            None => None,
+            Some(b) => {
+                let base_img = &layers[b];
+                let name = match &opts.backing_file {
+                    Some(n) => n.clone(),
+                    None => backing_name(top, base_img, opts.keep_relative)?,
+                };
+                Some(BackingFile {
+                    name,
+                    format: backing_format(top.format(), base_img.format()),
+                })
+            }
+        };
+        Ok(StreamJob {
+            chain,
+            layers,
+            base,
+            new_backing,
+            workers: opts.workers.max(1),
+            max_chunk: opts.max_chunk.max(1),
+        })
+    }
+
+    /// The backing file the top will record when the job completes
+    /// (`None`: no backing file).
+    pub fn new_backing(&self) -> Option<&BackingFile> {
+        self.new_backing.as_ref()
+    }
+
+    /// Whether there is anything to stream (the top has a backing file and
+    /// the base is not its immediate backing).
+    pub fn has_work(&self) -> bool {
+        self.layers.len() > 1 && self.base != Some(1)
+    }
+
+    fn top(&self) -> &Image {
+        &self.layers[0]
+    }
+
+    /// The granule-aligned length of the range a worker gets at `speed`.
+    fn chunk_len(&self, speed: u64, g: u64) -> u64 {
+        let want = if speed == 0 {
+            self.max_chunk
+        } else {
+            // About 20 ms of data: small enough that a guest write waiting
+            // for the range lock is not held up long.
+            (speed / 50).clamp(piece_for(speed), 1 << 20)
+        };
+        align_down(want, g).max(g)
+    }
+
+    /// Where `[off, end)` (unallocated in the top) lives above the base.
+    fn sources(&self, off: u64, end: u64) -> Result<Vec<Piece>> {
+        let below_size = self.layers[1].virtual_size();
+        let mut pieces = Vec::new();
+        let mut p = off;
+        while p < end {
+            if p >= below_size {
+                // Past the end of the top's backing: reads zeros now.
+                self.past_end_pieces(p, end, &mut pieces)?;
+                break;
+            }
+            let cx = self
+                .chain
+                .block_status(p, end.min(below_size) - p, 1, self.base)?;
+            let src = match cx.status {
+                Status::Data { host } => Src::Data {
+                    depth: cx.depth,
+                    host,
+                },
+                Status::Compressed => Src::Compressed { depth: cx.depth },
+                Status::Zero { .. } => Src::Zero,
+                Status::Unallocated if cx.past_end => {
+                    self.past_end_pieces(p, p + cx.len, &mut pieces)?;
+                    p += cx.len;
+                    continue;
+                }
+                Status::Unallocated => Src::Base,
+            };
+            pieces.push(Piece {
+                off: p,
+                len: cx.len,
+                src,
+            });
+            p += cx.len;
+        }
+        Ok(pieces)
+    }
+
+    /// Pieces for `[off, end)`, which lies past the end of a shorter
+    /// intermediate layer and reads zeros: where the base's view reads
+    /// zeros too (always, with no base) nothing needs doing (`Base`);
+    /// where the base has data, zeros must mask it (`Zero`).
+    fn past_end_pieces(&self, off: u64, end: u64, out: &mut Vec<Piece>) -> Result<()> {
+        let mut push = |off: u64, len: u64, src: Src| match out.last_mut() {
+            Some(l) if l.src == src && l.end() == off => l.len += len,
+            _ => out.push(Piece { off, len, src }),
+        };
+        let Some(b) = self.base else {
+            push(off, end - off, Src::Base);
+            return Ok(());
+        };
+        let size = self.layers[b].virtual_size();
+        let mut p = off;
+        while p < end.min(size) {
+            let cx = self.chain.block_status(p, end.min(size) - p, b, None)?;
+            let src = match cx.status {
+                Status::Unallocated | Status::Zero { .. } => Src::Base,
+                _ => Src::Zero,
+            };
+            push(p, cx.len, src);
+            p += cx.len;
+        }
+        if p < end {
+            push(p, end - p, Src::Base);
+        }
+        Ok(())
+    }
+
+    /// Whether the base's guest view over `[off, end)` is known to read
+    /// zeros from metadata alone (unallocated, zero clusters, past its
+    /// end; trivially so with no base).
+    fn base_reads_zero(&self, off: u64, end: u64) -> Result<bool> {
+        let Some(b) = self.base else {
+            return Ok(true);
+        };
+        let size = self.layers[b].virtual_size();
+        let mut p = off;
+        while p < end.min(size) {
+            let cx = self.chain.block_status(p, end.min(size) - p, b, None)?;
+            match cx.status {
+                Status::Unallocated | Status::Zero { .. } => p += cx.len,
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The parts of `pieces` within `[a, b)`.
+    fn parts<'p>(pieces: &'p [Piece], a: u64, b: u64) -> impl Iterator<Item = Piece> + 'p {
+        pieces
+            .iter()
+            .filter(move |p| p.off < b && a < p.end())
+            .map(move |p| {
+                let s = p.off.max(a);
+                let e = p.end().min(b);
+                let src = match p.src {
+                    Src::Data { depth, host } => Src::Data {
+                        depth,
+                        host: host + (s - p.off),
+                    },
+                    other => other,
+                };
+                Piece {
+                    off: s,
+                    len: e - s,
+                    src,
+                }
+            })
+    }
+
+    /// Whether granule `[a, b)` must be written as data to keep reading
+    /// zeros where it has zero pieces (once the base shows through).
+    fn zero_needs_mask(&self, pieces: &[Piece], a: u64, b: u64) -> Result<bool> {
+        for p in Self::parts(pieces, a, b) {
+            if p.src == Src::Zero && !self.base_reads_zero(p.off, p.end())? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn classify(&self, pieces: &[Piece], a: u64, b: u64) -> Result<Action> {
+        let (mut copy, mut zero, mut base) = (false, false, false);
+        for p in Self::parts(pieces, a, b) {
+            match p.src {
+                Src::Data { .. } | Src::Compressed { .. } => copy = true,
+                Src::Zero => zero = true,
+                Src::Base => base = true,
+            }
+        }
+        if copy {
+            return Ok(Action::Write);
+        }
+        if !zero {
+            return Ok(Action::Leave);
+        }
+        let mut base_parts_zero = true;
+        if base {
+            for p in Self::parts(pieces, a, b).filter(|p| p.src == Src::Base) {
+                if !self.base_reads_zero(p.off, p.end())? {
+                    base_parts_zero = false;
+                    break;
+                }
+            }
+        }
+        if base_parts_zero {
+            Ok(Action::Zero)
+        } else if self.zero_needs_mask(pieces, a, b)? {
+            Ok(Action::Write)
+        } else {
+            Ok(Action::Leave)
+        }
+    }
+
+    /// Copy `[off, off + len)` of a task: lock it in the top, and fill
+    /// whatever is (still) unallocated there.
+    fn do_task(&self, ctx: &JobContext<'_>, task: Task) -> TaskResult {
+        let top = self.top();
+        let end = task.off + task.len;
+        let _guard = top.range_locks().lock(task.off, end);
+        let mut p = task.off;
+        while p < end {
+            let ext = top.block_status(p, end - p).map_err(read_err)?;
+            if !ext.status.is_allocated() {
+                self.fill(ctx, p, ext.end())?;
+            }
+            p = ext.end();
+        }
+        Ok(())
+    }
+
+    /// Fill `[a, b)`, unallocated in the top and locked.
+    fn fill(&self, ctx: &JobContext<'_>, a: u64, b: u64) -> TaskResult {
+        let pieces = self.sources(a, b).map_err(read_err)?;
+        let g = self.top().driver().granularity().max(1);
+        // Granule actions, merged into runs.
+        let mut runs: Vec<(u64, u64, Action)> = Vec::new();
+        let mut ga = align_down(a, g);
+        while ga < b {
+            let gb = (ga + g).min(b);
+            let act = self.classify(&pieces, ga.max(a), gb).map_err(read_err)?;
+            match runs.last_mut() {
+                Some(r) if r.2 == act && r.1 == ga.max(a) => r.1 = gb,
+                _ => runs.push((ga.max(a), gb, act)),
+            }
+            ga += g;
+        }
+        for (ra, rb, act) in runs {
+            match act {
+                Action::Leave => {}
+                Action::Write => self.write_range(ctx, &pieces, ra, rb)?,
+                Action::Zero => {
+                    let top = self.top();
+                    let done = top
+                        .driver()
+                        .zero_range(ra, rb - ra)
+                        .at(top.path())
+                        .map_err(write_err)?;
+                    if !done {
+                        // qcow2 v2 over a backing file: zeros as data, only
+                        // where the base would otherwise show through.
+                        let mut x = ra;
+                        while x < rb {
+                            let y = (align_down(x, g) + g).min(rb);
+                            if self.zero_needs_mask(&pieces, x, y).map_err(read_err)? {
+                                self.write_range(ctx, &pieces, x, y)?;
+                            }
+                            x = y;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the guest content of `[a, b)` from its sources into `buf`:
+    /// data in batches per layer, the rest piece by piece.
+    fn read_sources(&self, pieces: &[Piece], a: u64, b: u64, buf: &mut [u8]) -> TaskResult {
+        let mut batches: Vec<(usize, Vec<IoReq<'_>>)> = Vec::new();
+        let mut rest: &mut [u8] = buf;
+        for p in Self::parts(pieces, a, b) {
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(p.len as usize);
+            rest = tail;
+            match p.src {
+                Src::Data { depth, host } => {
+                    let req = IoReq::Read {
+                        offset: host,
+                        buf: chunk,
+                    };
+                    match batches.iter_mut().find(|(d, _)| *d == depth) {
+                        Some((_, v)) => v.push(req),
+                        None => batches.push((depth, vec![req])),
+                    }
+                }
+                Src::Compressed { depth } => {
+                    let ext = Extent {
+                        offset: p.off,
+                        len: p.len,
+                        status: Status::Compressed,
+                    };
+                    self.layers[depth]
+                        .read_extent(&ext, chunk, &Zeros)
+                        .map_err(read_err)?;
+                }
+                Src::Zero => chunk.fill(0),
+                Src::Base => match self.base {
+                    None => chunk.fill(0),
+                    Some(bi) => self
+                        .chain
+                        .below(bi)
+                        .read_guest(p.off, chunk)
+                        .map_err(read_err)?,
+                },
+            }
+        }
+        for (depth, mut reqs) in batches {
+            let layer = &self.layers[depth];
+            layer
+                .storage()
+                .submit(&mut reqs)
+                .map_err(|e| read_err(Error::io("reading data", e).with_path(layer.path())))?;
+        }
+        Ok(())
+    }
+
+    /// Allocate `[a, b)` in the top and write its whole content there,
+    /// rate-limited, then link it in.
+    fn write_range(&self, ctx: &JobContext<'_>, pieces: &[Piece], a: u64, b: u64) -> TaskResult {
+        let top = self.top();
+        let mut buf = vec![0u8; (b - a) as usize];
+        self.read_sources(pieces, a, b, &mut buf)?;
+        let runs = top
+            .driver()
+            .prepare_write(a, b - a)
+            .at(top.path())
+            .map_err(write_err)?;
+        let mut unthrottled = false;
+        let mut pos = a;
+        while pos < b {
+            let speed = ctx.speed();
+            let step = if speed == 0 || unthrottled {
+                b - pos
+            } else {
+                ctx.piece().min(b - pos)
+            };
+            if !unthrottled && ctx.throttle(step) == Throttle::Cancelled {
+                // Finish this range at full speed: it is already
+                // allocated, and a cancel must not wait for the limiter.
+                unthrottled = true;
+            }
+            let step = if unthrottled { b - pos } else { step };
+            self.write_part(top, &runs, &buf, a, pos, pos + step)?;
+            pos += step;
+        }
+        top.driver()
+            .commit_write(&runs)
+            .at(top.path())
+            .map_err(write_err)
+    }
+
+    /// Write guest bytes `[s, e)` of `buf` (which starts at guest `a`) to
+    /// their places in `runs`, in one batch.
+    fn write_part(
+        &self,
+        top: &Image,
+        runs: &[HostRun],
+        buf: &[u8],
+        a: u64,
+        s: u64,
+        e: u64,
+    ) -> TaskResult {
+        let mut reqs = Vec::new();
+        for r in runs {
+            let (rs, re) = (r.guest.max(s), (r.guest + r.len).min(e));
+            if rs >= re {
+                continue;
+            }
+            reqs.push(IoReq::Write {
+                offset: r.host + (rs - r.guest),
+                buf: &buf[(rs - a) as usize..(re - a) as usize],
+            });
+        }
+        top.storage()
+            .submit(&mut reqs)
+            .map_err(|err| write_err(Error::io("writing data", err).with_path(top.path())))
+    }
+
+    /// The dispatcher: walk the top, skip what needs nothing, hand the
+    /// rest to the workers, obey pause and cancel, apply the error policy.
+    fn dispatch(
+        &self,
+        ctx: &JobContext<'_>,
+        tasks: &Sender<Task>,
+        done: &Receiver<(Task, TaskResult)>,
+    ) -> std::result::Result<(), RunError> {
+        let top = self.top();
+        let size = top.virtual_size();
+        let g = top.driver().granularity().max(1);
+        let below_size = self.layers[1].virtual_size();
+        let mut offset = 0u64;
+        let mut in_flight = 0usize;
+        let mut retry: Vec<Task> = Vec::new();
+        let mut failed: Option<String> = None;
+
+        // Handle one finished task.
+        let settle = |t: Task, r: TaskResult, retry: &mut Vec<Task>| -> Option<String> {
+            match r {
+                Ok(()) => {
+                    ctx.add_progress(t.len);
+                    None
+                }
+                Err(f) => {
+                    let nospace = f
+                        .err
+                        .io_error()
+                        .and_then(|e| e.raw_os_error())
+                        .is_some_and(|c| c == libc::ENOSPC);
+                    let msg = f.err.to_string();
+                    match ctx.error_action(&msg, f.op, nospace) {
+                        ErrorAction::Report => Some(msg),
+                        ErrorAction::Ignore => {
+                            ctx.add_progress(t.len);
+                            None
+                        }
+                        ErrorAction::Stop => {
+                            retry.push(t);
+                            None
+                        }
+                    }
+                }
+            }
+        };
+
+        loop {
+            // Collect what finished.
+            while let Ok((t, r)) = done.try_recv() {
+                in_flight -= 1;
+                if let Some(m) = settle(t, r, &mut retry) {
+                    failed.get_or_insert(m);
+                }
+            }
+            if failed.is_some() || ctx.is_cancelled() {
+                break;
+            }
+            if ctx.pause_requested() {
+                while in_flight > 0 {
+                    ctx.idle();
+                    let got = done.recv();
+                    ctx.busy();
+                    let Ok((t, r)) = got else { break };
+                    in_flight -= 1;
+                    if let Some(m) = settle(t, r, &mut retry) {
+                        failed.get_or_insert(m);
+                    }
+                }
+                if failed.is_some() {
+                    break;
+                }
+                ctx.pause_point();
+                continue;
+            }
+            let speed = ctx.speed();
+            let max_in_flight = if speed == 0 { self.workers } else { 2 };
+            if in_flight >= max_in_flight {
+                ctx.idle();
+                let got = done.recv();
+                ctx.busy();
+                if let Ok((t, r)) = got {
+                    in_flight -= 1;
+                    if let Some(m) = settle(t, r, &mut retry) {
+                        failed.get_or_insert(m);
+                    }
+                }
+                continue;
+            }
+            let task = if let Some(t) = retry.pop() {
+                t
+            } else {
+                if offset >= size {
+                    if in_flight == 0 {
+                        break;
+                    }
+                    ctx.idle();
+                    let got = done.recv();
+                    ctx.busy();
+                    if let Ok((t, r)) = got {
+                        in_flight -= 1;
+                        if let Some(m) = settle(t, r, &mut retry) {
+                            failed.get_or_insert(m);
+                        }
+                    }
+                    continue;
+                }
+                let ext = match top.block_status(offset, size - offset) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        match ctx.error_action(&msg, IoOperation::Read, false) {
+                            ErrorAction::Report => {
+                                failed = Some(msg);
+                                break;
+                            }
+                            // Cannot skip an unknown range: give up on it.
+                            ErrorAction::Ignore => {
+                                ctx.add_progress(size - offset);
+                                offset = size;
+                                continue;
+                            }
+                            ErrorAction::Stop => continue,
+                        }
+                    }
+                };
+                if ext.status.is_allocated() {
+                    ctx.add_progress(ext.len);
+                    offset = ext.end();
+                    continue;
+                }
+                // Skip quickly what is unallocated all the way down.
+                if offset < below_size {
+                    match self.chain.block_status(
+                        offset,
+                        ext.end().min(below_size) - offset,
+                        1,
+                        self.base,
+                    ) {
+                        Ok(cx)
+                            if cx.status == Status::Unallocated
+                                && (!cx.past_end || self.base.is_none()) =>
+                        {
+                            let skip = if cx.offset + cx.len >= ext.end() {
+                                ext.len
+                            } else {
+                                align_down(cx.len, g)
+                            };
+                            if skip > 0 {
+                                ctx.add_progress(skip);
+                                offset += skip;
+                                continue;
+                            }
+                        }
+                        // Errors surface again in the worker.
+                        _ => {}
+                    }
+                } else if self.base.is_none() {
+                    // Past the end of the backing with nothing kept below:
+                    // reads zeros before and after.
+                    ctx.add_progress(ext.len);
+                    offset = ext.end();
+                    continue;
+                }
+                let len = self.chunk_len(speed, g).min(ext.end() - offset);
+                let t = Task { off: offset, len };
+                offset += len;
+                t
+            };
+            if tasks.send(task).is_err() {
+                failed.get_or_insert_with(|| "the stream job's workers stopped".into());
+                break;
+            }
+            in_flight += 1;
+        }
+        // Drain what is still in flight (their work is valid and kept).
+        while in_flight > 0 {
+            ctx.idle();
+            let got = done.recv();
+            ctx.busy();
+            let Ok((t, r)) = got else { break };
+            in_flight -= 1;
+            if let Some(m) = settle(t, r, &mut retry) {
+                failed.get_or_insert(m);
+            }
+        }
+        if let Some(m) = failed {
+            return Err(RunError::Failed(m));
+        }
+        if ctx.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+impl JobDriver for StreamJob {
+    fn job_type(&self) -> JobType {
+        JobType::Stream
+    }
+
+    fn run(&self, ctx: &JobContext<'_>) -> std::result::Result<(), RunError> {
+        let size = self.top().virtual_size();
+        ctx.set_progress_end(size);
+        if !self.has_work() {
+            ctx.pause_point();
+            if ctx.is_cancelled() {
+                return Err(RunError::Cancelled);
+            }
+            ctx.add_progress(size);
+            return Ok(());
+        }
+        let (task_tx, task_rx) = channel::<Task>();
+        let (done_tx, done_rx) = channel::<(Task, TaskResult)>();
+        let task_rx = Mutex::new(task_rx);
+        std::thread::scope(|s| {
+            for _ in 0..self.workers {
+                let done_tx = done_tx.clone();
+                let task_rx = &task_rx;
+                s.spawn(move || loop {
+                    let next = task_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(task) = next else { break };
+                    ctx.busy();
+                    let r = self.do_task(ctx, task);
+                    ctx.idle();
+                    if done_tx.send((task, r)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(done_tx);
+            let r = self.dispatch(ctx, &task_tx, &done_rx);
+            drop(task_tx);
+            r
+        })
+    }
+
+    fn prepare(&self) -> std::result::Result<(), String> {
+        let top = self.top();
+        // Everything copied must be durable before the header stops
+        // pointing at the layers it came from.
+        top.flush().map_err(|e| e.to_string())?;
+        if self.layers.len() > 1 {
+            top.set_backing(self.new_backing.as_ref())
+                .map_err(|e| e.to_string())?;
+            top.flush().map_err(|e| e.to_string())?;
+            let mut kept = vec![self.layers[0].clone()];
+            if let Some(b) = self.base {
+                kept.extend(self.layers[b..].iter().cloned());
+            }
+            self.chain.set_layers(kept);
+        }
+        Ok(())
+    }
+
+    fn abort(&self) {
+        // Keep what was copied: make it durable (best effort; the chain is
+        // valid either way).
+        let _ = self.top().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            lexical_normalize(Path::new("/a/./b/../c//d")),
+            PathBuf::from("/a/c/d")
+        );
+        assert_eq!(lexical_normalize(Path::new("/..")), PathBuf::from("/"));
+        assert_eq!(
+            relative_path(Path::new("/x/top"), Path::new("/x/base/b.raw")),
+            PathBuf::from("../base/b.raw")
+        );
+        assert_eq!(
+            relative_path(Path::new("/x"), Path::new("/x/b.raw")),
+            PathBuf::from("b.raw")
+        );
+        assert_eq!(
+            relative_path(Path::new("/a/b/c"), Path::new("/d")),
+            PathBuf::from("../../../d")
+        );
+    }
+
+    #[test]
+    fn backing_formats() {
+        assert_eq!(
+            backing_format(Format::Qed, Format::Raw).as_deref(),
+            Some("raw")
+        );
+        assert_eq!(backing_format(Format::Qed, Format::Qcow2), None);
+        assert_eq!(
+            backing_format(Format::Qcow2, Format::Qed).as_deref(),
+            Some("qed")
+        );
+    }
+}
