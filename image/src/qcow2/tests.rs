@@ -828,3 +828,51 @@ fn concurrent_writers_share_subclustered_clusters() {
     check_clean(&p);
     compare_to_model(&p, &model, dir.path());
 }
+
+#[test]
+fn feature_bits_on_open() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let p = dir.path().join("f.qcow2");
+    create(&p, 4 << 20, None, "");
+    let header = |p: &Path| {
+        let mut buf = std::fs::read(p).unwrap();
+        buf.truncate(65536);
+        super::header::Header::parse(&buf, |_| Ok(buf.clone())).unwrap()
+    };
+    // An unknown incompatible bit is refused by its feature-table name.
+    let mut h = header(&p);
+    let mut table = h.extensions[0].data.clone();
+    let mut e = [0u8; 48];
+    e[0] = 0;
+    e[1] = 9;
+    e[2..15].copy_from_slice(b"fancy feature");
+    table.extend_from_slice(&e);
+    h.extensions[0].data = table;
+    h.incompatible |= 1 << 9;
+    write_at(&p, 0, &h.encode().unwrap());
+    let err = open_err(&p, false);
+    assert!(err.contains("'fancy feature' (bit 9)"), "{err}");
+    // Unknown autoclear bits are cleared by a writable open only.
+    h.incompatible &= !(1 << 9);
+    h.autoclear = 1 << 7 | 1 << 30;
+    write_at(&p, 0, &h.encode().unwrap());
+    drop(open(&p, false));
+    assert_eq!(header(&p).autoclear, 1 << 7 | 1 << 30);
+    drop(open(&p, true));
+    assert_eq!(header(&p).autoclear, 0);
+    check_clean(&p);
+    // Persistent bitmaps: a writable open marks them inconsistent.
+    let b = dir.path().join("b.qcow2");
+    create(&b, 4 << 20, None, "");
+    qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "bm0"]);
+    assert_eq!(header(&b).autoclear, 1);
+    {
+        let img = open(&b, true);
+        img.write(0, &[1u8; 4096], &Zeros).unwrap();
+    }
+    let h = header(&b);
+    assert_eq!(h.autoclear, 0);
+    assert!(h.extension(super::header::EXT_BITMAPS).is_some());
+    let (_, s) = run("qemu-img", &["check", b.to_str().unwrap()]);
+    assert!(!s.contains("ERROR"), "{s}");
+}
