@@ -876,3 +876,94 @@ fn feature_bits_on_open() {
     let (_, s) = run("qemu-img", &["check", b.to_str().unwrap()]);
     assert!(!s.contains("ERROR"), "{s}");
 }
+
+#[test]
+fn large_l1_tables_with_small_clusters() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let p = dir.path().join("l.qcow2");
+    // 5 MiB of L1 table in 512-byte clusters: many refcount blocks and a
+    // multi-cluster refcount table at creation.
+    let size = 20u64 << 30;
+    create(&p, size, None, "cluster_size=512,refcount_bits=64");
+    check_clean(&p);
+    {
+        let img = open(&p, true);
+        img.write(size - 5000, &[7u8; 5000], &Zeros).unwrap();
+        img.write(1 << 30, &[8u8; 70000], &Zeros).unwrap();
+        let mut b = vec![0u8; 5000];
+        img.read(size - 5000, &mut b, &Zeros).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+    }
+    check_clean(&p);
+    let img = open(&p, false);
+    assert_eq!(our_map(&img), qemu_map(&p));
+    // Too large for the L1 limit: a clear error.
+    let e = Image::create(
+        dir.path().join("x.qcow2"),
+        &CreateOptions {
+            format: Format::Qcow2,
+            size: 1 << 50,
+            backing: None,
+            options: kv("cluster_size=512"),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("too large"), "{e}");
+}
+
+#[test]
+fn corrupted_images_never_panic() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let good = dir.path().join("good.qcow2");
+    create(&good, 2 << 20, None, "cluster_size=4k,extended_l2=off");
+    qemu_io(
+        &good,
+        &[
+            "write -P 1 0 64k".into(),
+            "write -c -P 2 64k 16k".into(),
+            "write -z 128k 8k".into(),
+        ],
+    );
+    let orig = std::fs::read(&good).unwrap();
+    let p = dir.path().join("bad.qcow2");
+    let mut rng = Rng(12345);
+    let mut opened = 0;
+    for i in 0..300 {
+        let mut img = orig.clone();
+        for _ in 0..1 + rng.below(4) {
+            // Mostly the header and metadata clusters, sometimes anywhere.
+            let at = if rng.below(3) == 0 {
+                rng.below(img.len() as u64)
+            } else {
+                rng.below(5 * 4096)
+            } as usize;
+            img[at] ^= 1 << rng.below(8);
+            if rng.below(4) == 0 {
+                img[at] = 0xff;
+            }
+        }
+        if i % 7 == 0 {
+            img.truncate(rng.below(img.len() as u64) as usize);
+        }
+        std::fs::write(&p, &img).unwrap();
+        let writable = i % 2 == 0;
+        if let Ok(im) = Image::open(
+            &p,
+            &OpenOptions {
+                writable,
+                format: Some(Format::Qcow2),
+                ..Default::default()
+            },
+        ) {
+            opened += 1;
+            let size = im.virtual_size().min(4 << 20);
+            let mut buf = vec![0u8; size as usize];
+            let _ = im.read(0, &mut buf, &Zeros);
+            if writable && size > 70000 {
+                let _ = im.write(3000, &[9u8; 70000], &Zeros);
+                let _ = im.write_zeroes(0, 8192, &Zeros);
+            }
+        }
+    }
+    assert!(opened > 50, "only {opened} corrupted images opened");
+}
