@@ -84,12 +84,12 @@ pub fn lock(file: &File, perms: u32, shared: u32) -> Result<()> {
             return Err(lock_error(format!("shared \"{name}\"")));
         }
     }
-    for i in 0..NAMES.len() {
+    for (i, name) in NAMES.iter().enumerate() {
         let bit = 1u32 << i;
         let take = |start: i64| {
             set_lock(file, start, libc::F_RDLCK as i16).map_err(|e| {
                 if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
-                    lock_error(format!("\"{}\"", NAMES[i]))
+                    lock_error(format!("\"{name}\""))
                 } else {
                     Error::io("taking image locks", e)
                 }
