@@ -13,7 +13,8 @@ pub fn info_json(img: &Image) -> Result<Value> {
     let info = img.info();
     let storage = img.storage();
     let io = |e| Error::io("reading file size", e).with_path(img.path());
-    let file_len = storage.len().map_err(io)?;
+    // QEMU's file node reports its length in whole sectors.
+    let file_len = storage.len().map_err(io)?.div_ceil(512) * 512;
     let actual = storage.allocated_bytes().map_err(io)?;
     let filename = img.path().display().to_string();
     let mut m = Map::new();
@@ -85,7 +86,8 @@ pub fn info_human(img: &Image) -> Result<String> {
     let info = img.info();
     let storage = img.storage();
     let io = |e| Error::io("reading file size", e).with_path(img.path());
-    let file_len = storage.len().map_err(io)?;
+    // QEMU's file node reports its length in whole sectors.
+    let file_len = storage.len().map_err(io)?.div_ceil(512) * 512;
     let actual = storage.allocated_bytes().map_err(io)?;
     let name = img.path().display().to_string();
     let mut s = String::new();
