@@ -30,4 +30,4 @@ pub use job::{
 };
 pub use registry::JobRegistry;
 pub use status::{JobError, JobStatus, JobType, Verb};
-pub use stream::{StreamJob, StreamOptions};
+pub use stream::{StreamJob, StreamOptions, StreamStats};

@@ -40,6 +40,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -90,6 +91,27 @@ impl Default for StreamOptions {
     }
 }
 
+/// What a stream job did, for logs and tests (updated as it runs).
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Bytes written into the top as data (what the speed limit charges).
+    pub copied: AtomicU64,
+    /// Bytes made zero clusters in the top.
+    pub zeroed: AtomicU64,
+}
+
+impl StreamStats {
+    /// Bytes copied so far.
+    pub fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
+    }
+
+    /// Bytes zeroed so far.
+    pub fn zeroed(&self) -> u64 {
+        self.zeroed.load(Ordering::Relaxed)
+    }
+}
+
 /// The stream job's driver: run it with [`crate::Job`].
 pub struct StreamJob {
     chain: Arc<Chain>,
@@ -98,6 +120,7 @@ pub struct StreamJob {
     new_backing: Option<BackingFile>,
     workers: usize,
     max_chunk: u64,
+    stats: Arc<StreamStats>,
 }
 
 impl std::fmt::Debug for StreamJob {
@@ -350,7 +373,13 @@ impl StreamJob {
             new_backing,
             workers: opts.workers.max(1),
             max_chunk: opts.max_chunk.max(1),
+            stats: Arc::default(),
         })
+    }
+
+    /// The job's counters (shared: keep a clone to watch a running job).
+    pub fn stats(&self) -> Arc<StreamStats> {
+        self.stats.clone()
     }
 
     /// The backing file the top will record when the job completes
@@ -579,6 +608,9 @@ impl StreamJob {
                         .zero_range(ra, rb - ra)
                         .at(top.path())
                         .map_err(write_err)?;
+                    if done {
+                        self.stats.zeroed.fetch_add(rb - ra, Ordering::Relaxed);
+                    }
                     if !done {
                         // qcow2 v2 over a backing file: zeros as data, only
                         // where the base would otherwise show through.
@@ -674,6 +706,7 @@ impl StreamJob {
             }
             let step = if unthrottled { b - pos } else { step };
             self.write_part(top, &runs, &buf, a, pos, pos + step)?;
+            self.stats.copied.fetch_add(step, Ordering::Relaxed);
             pos += step;
         }
         top.driver()
