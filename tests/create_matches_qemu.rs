@@ -45,6 +45,18 @@ fn create_and_compare(
     reference: &str,
     size: &str,
 ) -> Result<(), String> {
+    create_pair(s, args, ours, reference, size)?;
+    compare_pair(s, ours, reference)
+}
+
+/// Create `ours` with imgpull and `reference` with qemu-img.
+fn create_pair(
+    s: &Scratch,
+    args: &[&str],
+    ours: &str,
+    reference: &str,
+    size: &str,
+) -> Result<(), String> {
     let mut qa: Vec<&str> = vec!["create", "-q"];
     qa.extend_from_slice(args);
     qa.push(reference);
@@ -71,6 +83,11 @@ fn create_and_compare(
             s.reproducer()
         ));
     }
+    Ok(())
+}
+
+/// Judge `ours` against `reference` (both already created).
+fn compare_pair(s: &Scratch, ours: &str, reference: &str) -> Result<(), String> {
     s.qemu_check(ours)
         .map_err(|e| format!("{e}\n{}", s.reproducer()))?;
     let qi = s.qemu_info(reference, false);
@@ -273,13 +290,16 @@ fn overlays() {
         "-u with a missing backing file",
         catch(|| {
             let s = Scratch::new();
-            create_and_compare(
+            create_pair(
                 &s,
                 &["-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2"],
                 "ours.qcow2",
                 "ref.qcow2",
                 "1M",
-            )
+            )?;
+            // Both name a file that does not exist; make it, then judge.
+            s.qemu_img(&["create", "-q", "-f", "qcow2", "missing.qcow2", "2M"]);
+            compare_pair(&s, "ours.qcow2", "ref.qcow2")
         }),
     );
     f.check(

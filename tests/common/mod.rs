@@ -651,8 +651,22 @@ impl OpKinds {
 /// zero writes, compressed writes and discards, as `kinds` allows.
 pub fn gen_ops(rng: &mut Rng, size: u64, cluster: u64, n: usize, kinds: OpKinds) -> Vec<String> {
     let clusters = (size / cluster).max(1);
-    let mut ops = Vec::new();
+    // Clusters any earlier op touched: QEMU's compressed writes fail with
+    // EIO on clusters that are already allocated, so `write -c` only goes
+    // to untouched ones.
+    let mut touched = std::collections::HashSet::new();
+    let mut ops: Vec<String> = Vec::new();
     while ops.len() < n {
+        if let Some(last) = ops.last() {
+            let mut it = last.split_whitespace().rev();
+            let l: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let o: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if l > 0 {
+                for c in o / cluster..=(o + l - 1) / cluster {
+                    touched.insert(c);
+                }
+            }
+        }
         let pat = 1 + rng.below(250);
         let c0 = rng.below(clusters);
         let nclu = 1 + rng.below(4.min(clusters - c0));
@@ -676,7 +690,10 @@ pub fn gen_ops(rng: &mut Rng, size: u64, cluster: u64, n: usize, kinds: OpKinds)
                 }
             }
             6 if kinds.zero => ops.push(format!("write -z {off} {len}")),
-            7 if kinds.compressed && len % cluster == 0 => {
+            7 if kinds.compressed
+                && len % cluster == 0
+                && (c0..c0 + len / cluster).all(|c| !touched.contains(&c)) =>
+            {
                 ops.push(format!("write -c -P {pat} {off} {len}"))
             }
             8 if kinds.discard => ops.push(format!("discard {off} {len}")),
