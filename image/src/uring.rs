@@ -52,11 +52,13 @@
 //!
 //! # Registered buffers and files
 //!
-//! Not used: the buffers come from the callers, different on every call, so
-//! fixed buffers would mean an extra copy into a registered pool or a
-//! registration (page pinning) per call, and for page-cache I/O the kernel
-//! copies through the user mapping either way. Registered files save an
-//! atomic reference count per request, invisible next to a 64 KiB copy.
+//! Memory from a [`FixedPool`] is registered with each thread's ring on
+//! first use and then read into / written from with `READ_FIXED` /
+//! `WRITE_FIXED`; callers only have to take their buffers from the pool
+//! (any other memory goes as a plain request). On tmpfs this made 1 MiB
+//! page-cache reads about 15-25% faster and writes no faster. Registered
+//! files are not used: no measurable gain (the descriptor lookup is an
+//! atomic increment next to a 64 KiB copy).
 //!
 //! # Counters
 //!
@@ -64,6 +66,7 @@
 //! and monotonic, so a benchmark can check which backend carried the data.
 
 mod direct;
+mod fixed;
 mod ring;
 
 use std::fs::File;
@@ -77,8 +80,9 @@ use io_uring::{opcode, IoUring};
 use crate::error::{Error, Result};
 use crate::storage::{file_allocation, Allocation, IoReq, Storage, SyncFile};
 use direct::{Align, AlignedBuf};
-use ring::{Op, PREAD_READ, PREAD_WRITTEN, URING_READ, URING_WRITTEN};
+use ring::{Op, PREAD_READ, PREAD_WRITTEN, URING_FIXED, URING_READ, URING_WRITTEN};
 
+pub use fixed::{FixedBuf, FixedPool};
 pub use ring::RING_ENTRIES;
 
 /// [`Storage::backend_name`] of [`UringFile`].
@@ -104,6 +108,9 @@ pub struct IoCounters {
     pub pread_read: u64,
     /// Bytes written with `pwrite`.
     pub pread_written: u64,
+    /// The part of the io_uring bytes that moved through registered
+    /// buffers ([`FixedPool`]).
+    pub uring_fixed: u64,
 }
 
 impl IoCounters {
@@ -114,6 +121,7 @@ impl IoCounters {
             uring_written: self.uring_written.saturating_sub(earlier.uring_written),
             pread_read: self.pread_read.saturating_sub(earlier.pread_read),
             pread_written: self.pread_written.saturating_sub(earlier.pread_written),
+            uring_fixed: self.uring_fixed.saturating_sub(earlier.uring_fixed),
         }
     }
 
@@ -145,6 +153,7 @@ pub fn io_counters() -> IoCounters {
         uring_written: URING_WRITTEN.load(Ordering::Relaxed),
         pread_read: PREAD_READ.load(Ordering::Relaxed),
         pread_written: PREAD_WRITTEN.load(Ordering::Relaxed),
+        uring_fixed: URING_FIXED.load(Ordering::Relaxed),
     }
 }
 

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types, IoUring};
 
+use super::fixed::{self, RingTable};
+
 /// Submission-queue entries of each thread's ring (the completion queue is
 /// twice as large, so completions can never overflow); larger batches
 /// stream through it.
@@ -34,6 +36,8 @@ pub(crate) static URING_WRITTEN: AtomicU64 = AtomicU64::new(0);
 /// Data bytes moved through `pread`/`pwrite` by the storages of this module.
 pub(crate) static PREAD_READ: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PREAD_WRITTEN: AtomicU64 = AtomicU64::new(0);
+/// The part of the io_uring bytes that moved through registered buffers.
+pub(crate) static URING_FIXED: AtomicU64 = AtomicU64::new(0);
 
 /// Direction of an [`Op`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +64,11 @@ pub(crate) struct Op {
     /// position below it.
     align: usize,
     eagain: u32,
+    /// Registered-buffer index, when the buffer lies in a [`FixedPool`]
+    /// registered with the ring running the op.
+    ///
+    /// [`FixedPool`]: super::FixedPool
+    buf_index: Option<u16>,
     finished: bool,
     err: Option<io::Error>,
 }
@@ -93,6 +102,7 @@ impl Op {
             done: 0,
             align: align.max(1),
             eagain: 0,
+            buf_index: None,
             finished: len == 0,
             err: None,
         }
@@ -112,9 +122,15 @@ impl Op {
         let n = self.chunk() as u32;
         // SAFETY: `done < len`, so the pointer stays inside the buffer.
         let p = unsafe { self.ptr.add(self.done) };
-        match self.kind {
-            Kind::Read => opcode::Read::new(fd, p, n).offset(self.pos()).build(),
-            Kind::Write => opcode::Write::new(fd, p as *const u8, n)
+        match (self.kind, self.buf_index) {
+            (Kind::Read, None) => opcode::Read::new(fd, p, n).offset(self.pos()).build(),
+            (Kind::Write, None) => opcode::Write::new(fd, p as *const u8, n)
+                .offset(self.pos())
+                .build(),
+            (Kind::Read, Some(i)) => opcode::ReadFixed::new(fd, p, n, i)
+                .offset(self.pos())
+                .build(),
+            (Kind::Write, Some(i)) => opcode::WriteFixed::new(fd, p as *const u8, n, i)
                 .offset(self.pos())
                 .build(),
         }
@@ -172,6 +188,9 @@ pub(crate) fn complete(op: &mut Op, res: i64, counters: [&AtomicU64; 2]) -> Next
         Kind::Read => counters[0].fetch_add(n as u64, Ordering::Relaxed),
         Kind::Write => counters[1].fetch_add(n as u64, Ordering::Relaxed),
     };
+    if op.buf_index.is_some() {
+        URING_FIXED.fetch_add(n as u64, Ordering::Relaxed);
+    }
     if n == 0 {
         match op.kind {
             Kind::Read => op.zero_rest(),
@@ -279,9 +298,15 @@ pub(crate) fn run_sync(ops: &mut [Op]) -> io::Result<()> {
     first_error(ops)
 }
 
+/// A thread's ring and its registered-buffer table.
+struct Ring {
+    ring: IoUring,
+    table: RingTable,
+}
+
 enum Slot {
     Uninit,
-    Ready(Box<IoUring>),
+    Ready(Box<Ring>),
     Failed,
 }
 
@@ -318,7 +343,10 @@ pub(crate) fn run(ops: &mut [Op]) -> io::Result<()> {
         };
         if let Slot::Uninit = *slot {
             *slot = match new_ring() {
-                Ok(r) => Slot::Ready(Box::new(r)),
+                Ok(ring) => {
+                    let table = RingTable::new(&ring);
+                    Slot::Ready(Box::new(Ring { ring, table }))
+                }
                 Err(e) => {
                     super::log(format_args!(
                         "cannot create an io_uring for this thread ({e}); using pread/pwrite"
@@ -387,7 +415,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn run_ring(ring: &mut IoUring, ops: &mut [Op]) {
+fn run_ring(r: &mut Ring, ops: &mut [Op]) {
+    r.table.clear_dropped(&r.ring);
+    for op in ops.iter_mut().filter(|o| !o.finished) {
+        op.buf_index = fixed::lookup(op.ptr, op.len).and_then(|reg| r.table.index(&r.ring, &reg));
+    }
+    let ring = &mut r.ring;
     let counters = [&URING_READ, &URING_WRITTEN];
     let cap = (ring.params().sq_entries() as usize).min(ring.params().cq_entries() as usize);
     let mut flight = InFlight { ring, count: 0 };
