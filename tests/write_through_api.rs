@@ -354,7 +354,8 @@ fn writes_over_existing_top_content() {
         Fmt::qcow2("compat=0.10,cluster_size=4k"),
         Fmt::qcow2("extended_l2=on,cluster_size=64k"),
         Fmt::qcow2("compression_type=zstd,cluster_size=64k"),
-        Fmt::qcow2("preallocation=metadata,cluster_size=4k"),
+        // With a backing file QEMU allows preallocation only with extended L2.
+        Fmt::qcow2("preallocation=metadata,extended_l2=on,cluster_size=32k"),
         Fmt::qed("cluster_size=4k,table_size=4"),
     ];
     for (i, fmt) in configs.into_iter().enumerate() {
@@ -368,7 +369,7 @@ fn writes_over_existing_top_content() {
                 .insert(0, format!("write -c -P 21 0 {}", 4 * fmt.cluster));
             top.ops.insert(
                 1,
-                format!("write -c -P 22 {} {}", 64 * KIB * 3, fmt.cluster),
+                format!("write -c -P 22 {} {}", 8 * fmt.cluster, fmt.cluster),
             );
         }
         let mut ops = Vec::new();
@@ -392,7 +393,7 @@ fn writes_over_existing_top_content() {
             seed: 1,
         });
         ops.push(Op::Write {
-            off: 64 * KIB * 3 + 5,
+            off: 8 * fmt.cluster + 5,
             len: 5,
             seed: 2,
         });
@@ -423,7 +424,7 @@ fn refcount_table_growth() {
     for opts in [
         "cluster_size=512,refcount_bits=64",
         "cluster_size=512,refcount_bits=16,compat=0.10",
-        "cluster_size=512,extended_l2=on,refcount_bits=32",
+        "cluster_size=1024,refcount_bits=32",
     ] {
         let fmt = Fmt::qcow2(opts);
         let size = 16 * MIB;

@@ -509,6 +509,75 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Overwrite bytes of a file in the directory, logging an equivalent
+    /// shell command for the reproducer.
+    pub fn patch(&self, file: &str, offset: u64, bytes: &[u8]) {
+        let esc: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
+        self.note(format!(
+            "printf '{esc}' | dd of={} bs=1 seek={offset} conv=notrunc status=none",
+            shell_word(file)
+        ));
+        patch(&self.path(file), offset, bytes);
+    }
+
+    /// Big-endian u32 at `offset` (qcow2 header fields).
+    pub fn be32(&self, file: &str, offset: u64, v: u32) {
+        self.patch(file, offset, &v.to_be_bytes());
+    }
+
+    /// Big-endian u64 at `offset`.
+    pub fn be64(&self, file: &str, offset: u64, v: u64) {
+        self.patch(file, offset, &v.to_be_bytes());
+    }
+
+    /// Little-endian u32 at `offset` (QED header fields).
+    pub fn le32(&self, file: &str, offset: u64, v: u32) {
+        self.patch(file, offset, &v.to_le_bytes());
+    }
+
+    /// Little-endian u64 at `offset`.
+    pub fn le64(&self, file: &str, offset: u64, v: u64) {
+        self.patch(file, offset, &v.to_le_bytes());
+    }
+
+    /// Cut a file to `len` bytes, logged.
+    pub fn truncate(&self, file: &str, len: u64) {
+        self.note(format!("truncate -s {len} {}", shell_word(file)));
+        truncate(&self.path(file), len);
+    }
+}
+
+/// The `qemu-img info` keys imgpull must reproduce.
+pub const INFO_KEYS: &[&str] = &[
+    "filename",
+    "format",
+    "virtual-size",
+    "cluster-size",
+    "backing-filename",
+    "full-backing-filename",
+    "backing-filename-format",
+    "dirty-flag",
+    "format-specific",
+];
+
+/// Differences between qemu-img's and our info object in [`INFO_KEYS`]
+/// (empty when equal).
+pub fn info_diff(what: &str, q: &serde_json::Value, o: &serde_json::Value) -> String {
+    let mut diffs = String::new();
+    for k in INFO_KEYS {
+        if q.get(k) != o.get(k) {
+            let _ = writeln!(
+                diffs,
+                "  {what}: key {k:?}: qemu-img {}, imgpull {}",
+                q.get(k).map_or("(absent)".into(), |v| v.to_string()),
+                o.get(k).map_or("(absent)".into(), |v| v.to_string())
+            );
+        }
+    }
+    diffs
+}
+
 /// A unified-ish line diff of two texts (for failure messages).
 pub fn diff_text(want: &str, got: &str) -> String {
     let w: Vec<&str> = want.lines().collect();
@@ -745,10 +814,10 @@ impl Failures {
 }
 
 /// Run `f` catching panics, turning them into `Err` (so a matrix goes on).
-pub fn catch<F: FnOnce() -> Result<(), String> + std::panic::UnwindSafe>(
-    f: F,
-) -> Result<(), String> {
-    match std::panic::catch_unwind(f) {
+pub fn catch<F: FnOnce() -> Result<(), String>>(f: F) -> Result<(), String> {
+    // Test closures own their data; a panic abandons it, so unwind safety
+    // is not a concern here.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => Err(if let Some(s) = p.downcast_ref::<String>() {
             format!("panicked: {s}")
