@@ -232,29 +232,6 @@ fn overlays_and_backing_chains() {
     f.finish();
 }
 
-/// Offset of the qcow2 header extension of `ty`, if present.
-fn qcow2_extension(path: &Path, ty: u32) -> Option<u64> {
-    let version = get_be32(path, 4);
-    let mut off = if version >= 3 {
-        get_be32(path, 100) as u64
-    } else {
-        72
-    };
-    let cluster = 1u64 << get_be32(path, 20);
-    while off + 8 <= cluster {
-        let t = get_be32(path, off);
-        let len = get_be32(path, off + 4) as u64;
-        if t == 0 {
-            return None;
-        }
-        if t == ty {
-            return Some(off);
-        }
-        off += 8 + len.div_ceil(8) * 8;
-    }
-    None
-}
-
 /// Images without a recorded backing format (the backing is probed), and
 /// QED's BACKING_FORMAT_NO_PROBE.
 #[test]
@@ -284,7 +261,8 @@ fn backing_format_absent_or_probed() {
                 // Rename the backing-format extension to an unknown type:
                 // qemu then probes, and the unknown extension stays.
                 let p = s.path("top.qcow2");
-                let off = qcow2_extension(&p, 0xE279_2ACA).ok_or("no backing format extension")?;
+                let off = common::qcow2_extension(&p, 0xE279_2ACA)
+                    .ok_or("no backing format extension")?;
                 put_be32(&p, off, 0x1234_5678);
                 s.note(format!(
                     "printf '\\x12\\x34\\x56\\x78' | dd of=top.qcow2 bs=1 seek={off} conv=notrunc"

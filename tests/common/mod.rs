@@ -894,6 +894,30 @@ pub fn get_le64(path: &Path, offset: u64) -> u64 {
     u64::from_le_bytes(read_bytes(path, offset, 8).try_into().expect("8 bytes"))
 }
 
+/// Offset of the qcow2 header extension of type `ty` in `path`, if
+/// present (`ty == 0` finds the end-of-extensions marker).
+pub fn qcow2_extension(path: &Path, ty: u32) -> Option<u64> {
+    let version = get_be32(path, 4);
+    let mut off = if version >= 3 {
+        get_be32(path, 100) as u64
+    } else {
+        72
+    };
+    let cluster = 1u64 << get_be32(path, 20);
+    while off + 8 <= cluster {
+        let t = get_be32(path, off);
+        let len = get_be32(path, off + 4) as u64;
+        if t == ty {
+            return Some(off);
+        }
+        if t == 0 {
+            return None;
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+    None
+}
+
 /// Cut `path` to `len` bytes.
 pub fn truncate(path: &Path, len: u64) {
     std::fs::OpenOptions::new()
