@@ -10,9 +10,7 @@ mod common;
 use std::path::Path;
 
 use common::cases::Fmt;
-use common::{
-    catch, get_be32, get_be64, get_le64, put_be32, put_le64, Failures, Layer, Rng, Scratch, MIB,
-};
+use common::{catch, get_be64, get_le64, put_be32, put_le64, Failures, Layer, Rng, Scratch, MIB};
 use serde_json::Value;
 
 /// The keys compared (absent on one side and present on the other is a

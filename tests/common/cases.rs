@@ -305,7 +305,7 @@ pub fn qcow2_lazy_refcounts() -> Vec<Case> {
     vec![
         uniform(
             "qcow2 lazy_refcounts depth 1",
-            &[f.clone()],
+            std::slice::from_ref(&f),
             4 * MIB,
             600,
             12,
@@ -373,7 +373,13 @@ pub fn qed_matrix() -> Vec<Case> {
 /// Raw bases with holes under qcow2 and QED overlays.
 pub fn raw_bases() -> Vec<Case> {
     let raw = Fmt::raw();
-    let mut v = vec![uniform("raw alone", &[raw.clone()], 4 * MIB, 900, 10)];
+    let mut v = vec![uniform(
+        "raw alone",
+        std::slice::from_ref(&raw),
+        4 * MIB,
+        900,
+        10,
+    )];
     for (i, top) in [
         Fmt::qcow2("cluster_size=64k"),
         Fmt::qcow2("cluster_size=4k,compat=0.10"),

@@ -760,7 +760,7 @@ pub fn gen_ops(rng: &mut Rng, size: u64, cluster: u64, n: usize, kinds: OpKinds)
             }
             6 if kinds.zero => ops.push(format!("write -z {off} {len}")),
             7 if kinds.compressed
-                && len % cluster == 0
+                && len.checked_rem(cluster) == Some(0)
                 && (c0..c0 + len / cluster).all(|c| !touched.contains(&c)) =>
             {
                 ops.push(format!("write -c -P {pat} {off} {len}"))
