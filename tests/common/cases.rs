@@ -33,13 +33,14 @@ impl Fmt {
     /// qcow2 with the given `-o` options (cluster size taken from them).
     pub fn qcow2(opts: &str) -> Fmt {
         let cluster = opt_size(opts, "cluster_size").unwrap_or(64 * KIB);
-        // compat=0.10 cannot do compression-type zstd etc., but it can do
-        // everything qemu-io offers here.
+        let mut kinds = OpKinds::QCOW2;
+        // Preallocated clusters are allocated: QEMU cannot compress into them.
+        kinds.compressed = !opts.contains("preallocation");
         Fmt {
             fmt: "qcow2",
             opts: opts.to_string(),
             cluster,
-            kinds: OpKinds::QCOW2,
+            kinds,
         }
     }
 
@@ -334,7 +335,8 @@ pub fn qcow2_preallocation() -> Vec<Case> {
         ));
     }
     let base = Fmt::qcow2("cluster_size=64k");
-    let top = Fmt::qcow2("preallocation=metadata,cluster_size=64k");
+    // QEMU allows preallocation over a backing file only with extended L2.
+    let top = Fmt::qcow2("preallocation=metadata,cluster_size=64k,extended_l2=on");
     v.push(uniform(
         "qcow2 preallocation=metadata over qcow2",
         &[base, top],
