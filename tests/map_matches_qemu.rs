@@ -86,3 +86,46 @@ fn empty_raw_file() {
     f.check("empty raw", s.check_map("empty.raw"));
     f.finish();
 }
+
+/// Allocated data clusters whose bytes are a hole in the image file:
+/// qemu-img asks the file's block status and reports them as
+/// `"zero": true, "data": true` (splitting the extent at the hole).
+/// The hole is punched with fallocate, so this does not depend on how
+/// QEMU happened to fill copy-on-write areas.
+#[test]
+fn data_over_host_file_holes() {
+    let mut f = Failures::new();
+    for (fmt, opts) in [
+        ("qcow2", "cluster_size=64k"),
+        ("qcow2", "compat=0.10,cluster_size=64k"),
+        ("qcow2", "cluster_size=64k,extended_l2=on"),
+        ("qed", "cluster_size=64k"),
+    ] {
+        f.check(
+            &format!("{fmt} [{opts}]"),
+            catch(move || {
+                let s = Scratch::new();
+                let name = format!("holes.{fmt}");
+                s.qemu_img(&["create", "-q", "-f", fmt, "-o", opts, &name, "1M"]);
+                s.qemu_io(
+                    fmt,
+                    &name,
+                    &["write -P 1 0 128k".into(), "write -P 2 512k 64k".into()],
+                );
+                // Host offset of guest 0, from qemu's own map.
+                let m = s.qemu_map_json(&name);
+                let v: serde_json::Value = serde_json::from_str(&m).map_err(|e| e.to_string())?;
+                let host = v[0]["offset"]
+                    .as_u64()
+                    .ok_or("setup: no offset for guest 0")?;
+                let (off, len) = ((host + 4096).to_string(), (65536 + 4096).to_string());
+                let o = s.run("fallocate", &["-p", "-o", &off, "-l", &len, &name]);
+                if !o.ok() {
+                    return Err(format!("setup: fallocate -p failed:\n{}", o.describe()));
+                }
+                s.check_map(&name)
+            }),
+        );
+    }
+    f.finish();
+}
