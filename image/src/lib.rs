@@ -25,4 +25,4 @@ pub use image::{
     probe, CreateOptions, GuestRead, Image, OpenOptions, RangeGuard, RangeLocks, Zeros,
 };
 pub use storage::{Allocation, IoReq, Storage, SyncFile};
-pub use uring::{io_counters, submit_many, IoCounters, PreadFile, UringFile};
+pub use uring::{io_counters, submit_many, FixedBuf, FixedPool, IoCounters, PreadFile, UringFile};

@@ -312,7 +312,12 @@ pub fn open(file: File, opts: &StorageOptions) -> Result<Box<dyn Storage>> {
         } else {
             PREAD_NAME
         };
-        log(format_args!("I/O backend: {name} ({why})"));
+        let direct = if opts.direct && backend == Backend::Uring {
+            "; O_DIRECT where supported"
+        } else {
+            ""
+        };
+        log(format_args!("I/O backend: {name} ({why}{direct})"));
     });
     match backend {
         Backend::Pread => {

@@ -492,3 +492,79 @@ fn fixed_pool_buffers_go_through_registered_buffers() {
         }
     }
 }
+
+/// In a child process whose seccomp filter refuses `io_uring_setup` (as
+/// container runtimes do): auto falls back to pread, forced uring is a
+/// clear error at open.
+#[test]
+fn without_io_uring_auto_falls_back_and_forced_uring_fails() {
+    const CHILD: &str = "IMGPULL_TEST_NO_URING_CHILD";
+    let name = "uring::tests::without_io_uring_auto_falls_back_and_forced_uring_fails";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(text.contains("1 passed"), "child ran no test:\n{text}");
+        assert!(text.contains("child checks done"), "{text}");
+        return;
+    }
+    deny_io_uring_setup();
+    let why = uring_available().unwrap_err();
+    assert!(why.contains("cannot create an io_uring"), "{why}");
+    let (_p, f) = temp_in(&std::env::temp_dir());
+    let s = open(f, &StorageOptions::default()).unwrap();
+    assert_eq!(s.backend_name(), PREAD_NAME);
+    s.write_at(b"still works", 3).unwrap();
+    let (_p, f) = temp_in(&std::env::temp_dir());
+    let e = open(
+        f,
+        &StorageOptions {
+            backend: Backend::Uring,
+            direct: false,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
+    assert!(e.to_string().contains("IMGPULL_IO_BACKEND=uring"), "{e}");
+    let (_p, f) = temp_in(&std::env::temp_dir());
+    assert!(UringFile::new(f).is_err());
+    println!("child checks done");
+}
+
+/// Install a seccomp filter on this thread: `io_uring_setup` fails with
+/// ENOSYS, everything else is allowed.
+fn deny_io_uring_setup() {
+    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let prog = [
+        f(LD_NR, 0, 0, 0), // seccomp_data.nr
+        f(JEQ, 0, 1, libc::SYS_io_uring_setup as u32),
+        f(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        f(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: plain prctl calls with a valid filter program.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &fprog as *const libc::sock_fprog as libc::c_ulong,
+            ),
+            0,
+            "{}",
+            io::Error::last_os_error()
+        );
+    }
+}
