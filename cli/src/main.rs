@@ -7,8 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use imgpull_image::Format;
 
 mod create;
+mod demo;
 mod info;
 mod map;
+mod progress;
+mod pull;
 mod size;
 
 #[derive(Parser)]
@@ -110,6 +113,34 @@ enum Cmd {
         #[arg(value_parser = size::parse_size)]
         size: Option<u64>,
     },
+    /// Pull the backing chain into IMAGE (libvirt's blockpull, QEMU's
+    /// block-stream) and wait: afterwards IMAGE has no backing file, or
+    /// BASE as its backing file. Ctrl-C cancels cleanly (exit 130); a
+    /// later pull resumes.
+    Pull {
+        /// Keep this image of the chain as the new backing file (pull only
+        /// the layers above it).
+        #[arg(long, value_name = "IMAGE")]
+        base: Option<PathBuf>,
+        /// Speed limit in bytes/s, with an optional binary suffix (64M); 0 = unlimited.
+        #[arg(long, value_name = "RATE", value_parser = size::parse_size, default_value = "0")]
+        speed: u64,
+        /// Record the base relative to IMAGE's directory instead of its
+        /// absolute path (nothing to record without --base).
+        #[arg(long)]
+        keep_relative: bool,
+        /// Print libvirt's job view as JSON lines on stdout, then the final event.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar on stderr.
+        #[arg(long)]
+        no_progress: bool,
+        /// The image to pull into (qcow2 or QED).
+        image: PathBuf,
+    },
+    /// Build a small sample chain in a temporary directory, pull it with a
+    /// progress bar, verify the result, and remove it.
+    Demo,
 }
 
 fn run(cli: Cli) -> imgpull_image::Result<()> {
@@ -161,6 +192,22 @@ fn run(cli: Cli) -> imgpull_image::Result<()> {
                 quiet,
             })
         }
+        Cmd::Pull {
+            base,
+            speed,
+            keep_relative,
+            json,
+            no_progress,
+            image,
+        } => pull::run(&pull::Request {
+            image: &image,
+            base: base.as_deref(),
+            speed,
+            keep_relative,
+            json,
+            no_progress,
+        }),
+        Cmd::Demo => demo::run(),
     }
 }
 
@@ -170,6 +217,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("imgpull: {e}");
+            // A cancel by SIGINT/SIGTERM that left everything clean.
+            if e.kind() == imgpull_image::ErrorKind::Cancelled {
+                return ExitCode::from(130);
+            }
             ExitCode::from(1)
         }
     }

@@ -108,6 +108,12 @@ pub trait JobDriver: Send + Sync {
     /// The job type.
     fn job_type(&self) -> JobType;
 
+    /// The progress end known before the job runs (so that queries made
+    /// before `run` sets it already show it); `0` when unknown.
+    fn expected_len(&self) -> u64 {
+        0
+    }
+
     /// Do the work, calling the context's pause points and progress and
     /// rate-limit hooks; return `Err(Cancelled)` when the context says the
     /// job is cancelled.
@@ -310,7 +316,7 @@ impl Job {
                 error: None,
                 finalize_requested: false,
                 cur: 0,
-                end: 0,
+                end: driver.expected_len(),
                 outcome: None,
                 started: false,
             }),
@@ -818,14 +824,21 @@ impl JobContext<'_> {
     pub fn throttle(&self, n: u64) -> Throttle {
         let job = self.job;
         let mut st = job.lock();
-        loop {
+        let mut waiting = false;
+        let result = loop {
             if st.cancelled {
-                return Throttle::Cancelled;
+                break Throttle::Cancelled;
             }
             let now = job.now();
             let Some(wait) = st.bucket.take(n, now) else {
-                return Throttle::Go;
+                break Throttle::Go;
             };
+            if !waiting {
+                // Tokens overflowing while we wait (not scheduled in time)
+                // are owed back by the bucket.
+                st.bucket.add_waiter(now);
+                waiting = true;
+            }
             st.busy = st.busy.saturating_sub(1);
             st = job
                 .wake
@@ -833,7 +846,12 @@ impl JobContext<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
             st.busy += 1;
+        };
+        if waiting {
+            let now = job.now();
+            st.bucket.remove_waiter(now);
         }
+        result
     }
 
     /// Mark one more thread of the job as busy (a worker starting);

@@ -172,12 +172,18 @@ enum Action {
     Write,
 }
 
-/// A range for a worker.
-#[derive(Clone, Copy, Debug)]
+/// A range for a worker, with where its bytes live below the top (the
+/// layers below the top do not change while the job runs, so this is
+/// computed once per window by the dispatcher).
+#[derive(Clone, Debug)]
 struct Task {
     off: u64,
     len: u64,
+    pieces: Arc<Vec<Piece>>,
 }
+
+/// How much of the guest address space the dispatcher maps at once.
+const WINDOW: u64 = 64 << 20;
 
 /// A failed task.
 struct Failure {
@@ -566,7 +572,7 @@ impl StreamJob {
 
     /// Copy `[off, off + len)` of a task: lock it in the top, and fill
     /// whatever is (still) unallocated there.
-    fn do_task(&self, ctx: &JobContext<'_>, task: Task) -> TaskResult {
+    fn do_task(&self, ctx: &JobContext<'_>, task: &Task) -> TaskResult {
         let top = self.top();
         let end = task.off + task.len;
         let _guard = top.range_locks().lock(task.off, end);
@@ -574,23 +580,22 @@ impl StreamJob {
         while p < end {
             let ext = top.block_status(p, end - p).map_err(read_err)?;
             if !ext.status.is_allocated() {
-                self.fill(ctx, p, ext.end())?;
+                self.fill(ctx, &task.pieces, p, ext.end())?;
             }
             p = ext.end();
         }
         Ok(())
     }
 
-    /// Fill `[a, b)`, unallocated in the top and locked.
-    fn fill(&self, ctx: &JobContext<'_>, a: u64, b: u64) -> TaskResult {
-        let pieces = self.sources(a, b).map_err(read_err)?;
+    /// Fill `[a, b)`, unallocated in the top and locked, from `pieces`.
+    fn fill(&self, ctx: &JobContext<'_>, pieces: &[Piece], a: u64, b: u64) -> TaskResult {
         let g = self.top().driver().granularity().max(1);
         // Granule actions, merged into runs.
         let mut runs: Vec<(u64, u64, Action)> = Vec::new();
         let mut ga = align_down(a, g);
         while ga < b {
             let gb = (ga + g).min(b);
-            let act = self.classify(&pieces, ga.max(a), gb).map_err(read_err)?;
+            let act = self.classify(pieces, ga.max(a), gb).map_err(read_err)?;
             match runs.last_mut() {
                 Some(r) if r.2 == act && r.1 == ga.max(a) => r.1 = gb,
                 _ => runs.push((ga.max(a), gb, act)),
@@ -600,7 +605,7 @@ impl StreamJob {
         for (ra, rb, act) in runs {
             match act {
                 Action::Leave => {}
-                Action::Write => self.write_range(ctx, &pieces, ra, rb)?,
+                Action::Write => self.write_range(ctx, pieces, ra, rb)?,
                 Action::Zero => {
                     let top = self.top();
                     let done = top
@@ -617,8 +622,8 @@ impl StreamJob {
                         let mut x = ra;
                         while x < rb {
                             let y = (align_down(x, g) + g).min(rb);
-                            if self.zero_needs_mask(&pieces, x, y).map_err(read_err)? {
-                                self.write_range(ctx, &pieces, x, y)?;
+                            if self.zero_needs_mask(pieces, x, y).map_err(read_err)? {
+                                self.write_range(ctx, pieces, x, y)?;
                             }
                             x = y;
                         }
@@ -753,13 +758,15 @@ impl StreamJob {
         let top = self.top();
         let size = top.virtual_size();
         let g = top.driver().granularity().max(1);
-        let below_size = self.layers[1].virtual_size();
         let mut offset = 0u64;
+        // The mapped window `[offset, win_end)`: unallocated in the top
+        // when mapped, with its sources.
+        let mut window: Option<(u64, Arc<Vec<Piece>>)> = None;
         let mut in_flight = 0usize;
         let mut retry: Vec<Task> = Vec::new();
         let mut failed: Option<String> = None;
 
-        // Handle one finished task.
+        // Account for one finished task; `Some(message)` ends the job.
         let settle = |t: Task, r: TaskResult, retry: &mut Vec<Task>| -> Option<String> {
             match r {
                 Ok(()) => {
@@ -787,9 +794,25 @@ impl StreamJob {
                 }
             }
         };
+        // Wait for one task to finish.
+        let wait_one =
+            |in_flight: &mut usize, retry: &mut Vec<Task>, failed: &mut Option<String>| {
+                ctx.idle();
+                let got = done.recv();
+                ctx.busy();
+                match got {
+                    Ok((t, r)) => {
+                        *in_flight -= 1;
+                        if let Some(m) = settle(t, r, retry) {
+                            failed.get_or_insert(m);
+                        }
+                    }
+                    // All workers gone (cannot happen while we hold tasks).
+                    Err(_) => *in_flight = 0,
+                }
+            };
 
         loop {
-            // Collect what finished.
             while let Ok((t, r)) = done.try_recv() {
                 in_flight -= 1;
                 if let Some(m) = settle(t, r, &mut retry) {
@@ -800,15 +823,9 @@ impl StreamJob {
                 break;
             }
             if ctx.pause_requested() {
+                // A pause point with no I/O of the job in flight.
                 while in_flight > 0 {
-                    ctx.idle();
-                    let got = done.recv();
-                    ctx.busy();
-                    let Ok((t, r)) = got else { break };
-                    in_flight -= 1;
-                    if let Some(m) = settle(t, r, &mut retry) {
-                        failed.get_or_insert(m);
-                    }
+                    wait_one(&mut in_flight, &mut retry, &mut failed);
                 }
                 if failed.is_some() {
                     break;
@@ -817,39 +834,42 @@ impl StreamJob {
                 continue;
             }
             let speed = ctx.speed();
-            let max_in_flight = if speed == 0 { self.workers } else { 2 };
+            let max_in_flight = self.workers;
             if in_flight >= max_in_flight {
-                ctx.idle();
-                let got = done.recv();
-                ctx.busy();
-                if let Ok((t, r)) = got {
-                    in_flight -= 1;
-                    if let Some(m) = settle(t, r, &mut retry) {
-                        failed.get_or_insert(m);
-                    }
-                }
+                wait_one(&mut in_flight, &mut retry, &mut failed);
                 continue;
             }
-            let task = if let Some(t) = retry.pop() {
-                t
-            } else {
+            if let Some(t) = retry.pop() {
+                if tasks.send(t).is_err() {
+                    failed.get_or_insert_with(|| "the stream job's workers stopped".into());
+                    break;
+                }
+                in_flight += 1;
+                continue;
+            }
+            let Some((win_end, pieces)) = window.clone() else {
                 if offset >= size {
                     if in_flight == 0 {
                         break;
                     }
-                    ctx.idle();
-                    let got = done.recv();
-                    ctx.busy();
-                    if let Ok((t, r)) = got {
-                        in_flight -= 1;
-                        if let Some(m) = settle(t, r, &mut retry) {
-                            failed.get_or_insert(m);
-                        }
-                    }
+                    wait_one(&mut in_flight, &mut retry, &mut failed);
                     continue;
                 }
-                let ext = match top.block_status(offset, size - offset) {
-                    Ok(e) => e,
+                // Map the next window: skip what the top has, find the
+                // sources of what it lacks.
+                let mapped = top.block_status(offset, size - offset).and_then(|ext| {
+                    if ext.status.is_allocated() {
+                        return Ok(Err(ext.len));
+                    }
+                    let end = ext.end().min(offset + WINDOW);
+                    Ok(Ok((end, self.sources(offset, end)?)))
+                });
+                match mapped {
+                    Ok(Err(allocated)) => {
+                        ctx.add_progress(allocated);
+                        offset += allocated;
+                    }
+                    Ok(Ok((end, pieces))) => window = Some((end, Arc::new(pieces))),
                     Err(e) => {
                         let msg = e.to_string();
                         match ctx.error_action(&msg, IoOperation::Read, false) {
@@ -857,75 +877,56 @@ impl StreamJob {
                                 failed = Some(msg);
                                 break;
                             }
-                            // Cannot skip an unknown range: give up on it.
+                            // An unknown range cannot be copied: give up
+                            // on the rest, the job ends with the error.
                             ErrorAction::Ignore => {
                                 ctx.add_progress(size - offset);
                                 offset = size;
-                                continue;
                             }
-                            ErrorAction::Stop => continue,
+                            // Paused now; retried after resume.
+                            ErrorAction::Stop => {}
                         }
                     }
-                };
-                if ext.status.is_allocated() {
-                    ctx.add_progress(ext.len);
-                    offset = ext.end();
-                    continue;
                 }
-                // Skip quickly what is unallocated all the way down.
-                if offset < below_size {
-                    match self.chain.block_status(
-                        offset,
-                        ext.end().min(below_size) - offset,
-                        1,
-                        self.base,
-                    ) {
-                        Ok(cx)
-                            if cx.status == Status::Unallocated
-                                && (!cx.past_end || self.base.is_none()) =>
-                        {
-                            let skip = if cx.offset + cx.len >= ext.end() {
-                                ext.len
-                            } else {
-                                align_down(cx.len, g)
-                            };
-                            if skip > 0 {
-                                ctx.add_progress(skip);
-                                offset += skip;
-                                continue;
-                            }
-                        }
-                        // Errors surface again in the worker.
-                        _ => {}
-                    }
-                } else if self.base.is_none() {
-                    // Past the end of the backing with nothing kept below:
-                    // reads zeros before and after.
-                    ctx.add_progress(ext.len);
-                    offset = ext.end();
-                    continue;
-                }
-                let len = self.chunk_len(speed, g).min(ext.end() - offset);
-                let t = Task { off: offset, len };
-                offset += len;
-                t
+                continue;
             };
-            if tasks.send(task).is_err() {
+            if offset >= win_end {
+                window = None;
+                continue;
+            }
+            // Skip whole granules that are unallocated down to the base.
+            let leave_end = pieces
+                .iter()
+                .filter(|p| p.end() > offset)
+                .take_while(|p| p.src == Src::Base)
+                .last()
+                .map_or(offset, |p| p.end().min(win_end));
+            let skip = if leave_end >= win_end {
+                win_end - offset
+            } else {
+                align_down(leave_end, g).saturating_sub(offset)
+            };
+            if skip > 0 {
+                ctx.add_progress(skip);
+                offset += skip;
+                continue;
+            }
+            let len = self.chunk_len(speed, g).min(win_end - offset);
+            let t = Task {
+                off: offset,
+                len,
+                pieces,
+            };
+            offset += len;
+            if tasks.send(t).is_err() {
                 failed.get_or_insert_with(|| "the stream job's workers stopped".into());
                 break;
             }
             in_flight += 1;
         }
-        // Drain what is still in flight (their work is valid and kept).
+        // Drain what is still in flight (its work is valid and kept).
         while in_flight > 0 {
-            ctx.idle();
-            let got = done.recv();
-            ctx.busy();
-            let Ok((t, r)) = got else { break };
-            in_flight -= 1;
-            if let Some(m) = settle(t, r, &mut retry) {
-                failed.get_or_insert(m);
-            }
+            wait_one(&mut in_flight, &mut retry, &mut failed);
         }
         if let Some(m) = failed {
             return Err(RunError::Failed(m));
@@ -940,6 +941,10 @@ impl StreamJob {
 impl JobDriver for StreamJob {
     fn job_type(&self) -> JobType {
         JobType::Stream
+    }
+
+    fn expected_len(&self) -> u64 {
+        self.top().virtual_size()
     }
 
     fn run(&self, ctx: &JobContext<'_>) -> std::result::Result<(), RunError> {
@@ -964,7 +969,7 @@ impl JobDriver for StreamJob {
                     let next = task_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(task) = next else { break };
                     ctx.busy();
-                    let r = self.do_task(ctx, task);
+                    let r = self.do_task(ctx, &task);
                     ctx.idle();
                     if done_tx.send((task, r)).is_err() {
                         break;
