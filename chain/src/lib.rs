@@ -11,7 +11,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use imgpull_image::{Error, ErrorKind, Format, GuestRead, Image, OpenOptions, Result, Status};
+use imgpull_image::{
+    Allocation, Error, ErrorKind, Format, GuestRead, Image, OpenOptions, Result, Status,
+};
 
 mod map;
 pub use map::{render_json, MapEntry};
@@ -97,6 +99,11 @@ pub struct ChainExtent {
     /// as zeros even though a lower layer (e.g. a kept base) may hold data
     /// at that offset.
     pub past_end: bool,
+    /// `true` for `Data` whose host range is a hole in the layer's file
+    /// (only looked at where the driver says data may be holes, as QEMU
+    /// does for metadata-preallocated qcow2): it reads as zeros, and
+    /// `qemu-img map` shows it as both data and zero.
+    pub file_hole: bool,
 }
 
 /// An open backing chain, top first.
@@ -141,6 +148,19 @@ fn file_id(img: &Image) -> Option<(u64, u64)> {
         .metadata()
         .ok()
         .map(|m| (m.dev(), m.ino()))
+}
+
+/// How much of the host range `[host, host + len)` of `img`'s file shares
+/// the answer of its first byte, and whether that is a hole. Past the end
+/// of the file it is all hole (QEMU reads zeros there).
+fn file_holes(img: &Image, host: u64, len: u64) -> Result<(u64, bool)> {
+    let io = |e| Error::io("querying holes", e).with_path(img.path());
+    let storage = img.storage();
+    if host >= storage.len().map_err(io)? {
+        return Ok((len, true));
+    }
+    let (a, n) = storage.allocation(host, len).map_err(io)?;
+    Ok((n.min(len), a == Allocation::Hole))
 }
 
 impl Chain {
@@ -297,7 +317,21 @@ impl Chain {
         let mut d = top;
         let mut len = len;
         loop {
-            let ext = layers[d].block_status(offset, len)?;
+            let mut ext = layers[d].block_status(offset, len)?;
+            if let Status::Data { host } = ext.status {
+                if layers[d].driver().data_may_be_holes()? {
+                    let (len, hole) = file_holes(&layers[d], host, ext.len)?;
+                    ext.len = len;
+                    return Ok(ChainExtent {
+                        offset,
+                        len,
+                        depth: d,
+                        status: ext.status,
+                        past_end: false,
+                        file_hole: hole,
+                    });
+                }
+            }
             if ext.status.is_allocated() || d + 1 >= end {
                 return Ok(ChainExtent {
                     offset,
@@ -305,6 +339,7 @@ impl Chain {
                     depth: d,
                     status: ext.status,
                     past_end: false,
+                    file_hole: false,
                 });
             }
             let next_size = layers[d + 1].virtual_size();
@@ -313,8 +348,9 @@ impl Chain {
                     offset,
                     len: ext.len,
                     depth: d,
-                    status: Status::Unallocated,
+                    status: ext.status,
                     past_end: true,
+                    file_hole: false,
                 });
             }
             len = ext.len.min(next_size - offset);

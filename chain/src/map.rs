@@ -35,14 +35,14 @@ impl MapEntry {
             Status::Data { host } => (true, false, true, false, Some(host)),
             Status::Zero { host } => (true, true, false, false, host),
             Status::Compressed => (true, false, true, true, None),
-            Status::Unallocated => (false, true, false, false, None),
+            Status::Unallocated { host } => (false, true, false, false, host),
         };
         MapEntry {
             start: e.offset,
             length: e.len,
             depth: e.depth,
             present,
-            zero,
+            zero: zero || e.file_hole,
             data,
             compressed,
             offset,
@@ -91,6 +91,19 @@ pub(crate) fn map(chain: &Chain) -> Result<Vec<MapEntry>> {
     const STEP: u64 = 1 << 30;
     let size = chain.virtual_size();
     let mut out: Vec<MapEntry> = Vec::new();
+    if size == 0 {
+        // qemu-img prints one empty entry for an empty image.
+        return Ok(vec![MapEntry {
+            start: 0,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        }]);
+    }
     let mut offset = 0;
     while offset < size {
         let n = STEP.min(size - offset);

@@ -82,13 +82,19 @@ pub enum Status {
     /// Compressed clusters: read through [`Driver::read_compressed`].
     Compressed,
     /// Not allocated in this layer: read from the backing (zeros if none).
-    Unallocated,
+    /// `host` is set where the range nevertheless has reserved host space
+    /// (unallocated subclusters of an allocated qcow2 extended-L2 cluster),
+    /// which `qemu-img map` shows as the entry's offset.
+    Unallocated {
+        /// Reserved host offset of the extent's first byte, if any.
+        host: Option<u64>,
+    },
 }
 
 impl Status {
     /// Whether this layer answers for the range (anything but unallocated).
     pub fn is_allocated(self) -> bool {
-        !matches!(self, Status::Unallocated)
+        !matches!(self, Status::Unallocated { .. })
     }
 }
 
@@ -200,6 +206,14 @@ pub trait Driver: Send + Sync + Debug {
     /// nothing) when the format cannot express that (qcow2 v2 over a
     /// backing file); the caller then writes zeros as data.
     fn zero_range(&self, offset: u64, len: u64) -> Result<bool>;
+
+    /// Whether the host ranges of `Data` extents may be holes in the file
+    /// that `qemu-img map` reports as zero (QEMU's `BDRV_BLOCK_RECURSE`: a
+    /// qcow2 image that looks metadata-preallocated). Callers then refine
+    /// data extents with [`Storage::allocation`]. Default: no.
+    fn data_may_be_holes(&self) -> Result<bool> {
+        Ok(false)
+    }
 
     /// Write back cached metadata, then `fdatasync`.
     fn flush(&self) -> Result<()>;

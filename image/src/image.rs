@@ -307,7 +307,7 @@ impl Image {
                 Ok(())
             }
             Status::Compressed => self.driver.read_compressed(ext.offset, buf).at(&self.path),
-            Status::Unallocated => below.read_guest(ext.offset, buf),
+            Status::Unallocated { .. } => below.read_guest(ext.offset, buf),
         }
     }
 
@@ -377,7 +377,7 @@ impl Image {
         } else {
             filled = vec![0u8; (b - a) as usize];
             match ext.status {
-                Status::Unallocated => below.read_guest(a, &mut filled)?,
+                Status::Unallocated { .. } => below.read_guest(a, &mut filled)?,
                 Status::Compressed => self.driver.read_compressed(a, &mut filled).at(&self.path)?,
                 _ => {}
             }
@@ -447,6 +447,16 @@ impl Image {
     pub fn set_backing(&self, backing: Option<&BackingFile>) -> Result<()> {
         self.require_writable()?;
         self.driver.set_backing(backing).at(&self.path)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // Make everything durable, then let other processes in at once.
+        if self.writable {
+            let _ = self.driver.flush();
+        }
+        lock::unlock(self.storage().file());
     }
 }
 

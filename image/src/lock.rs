@@ -105,6 +105,17 @@ pub fn lock(file: &File, perms: u32, shared: u32) -> Result<()> {
     Ok(())
 }
 
+/// Release every lock [`lock`] may have taken on `file`. Closing the file
+/// releases them too, but only once the kernel drops its last reference
+/// to the open file description, which io_uring may hold a little longer.
+pub fn unlock(file: &File) {
+    let mut fl = flock(libc::F_UNLCK as i16, PERM_BASE);
+    fl.l_len = SHARED_BASE + NAMES.len() as i64 - PERM_BASE;
+    // SAFETY: valid descriptor and a properly initialised flock struct.
+    // Failure leaves the locks to be released at close.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+}
+
 /// The locks QEMU takes on an image file opened read-only (uses consistent
 /// reads; lets nobody write or resize) or read-write (also writes and
 /// resizes).

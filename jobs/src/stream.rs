@@ -437,12 +437,12 @@ impl StreamJob {
                 },
                 Status::Compressed => Src::Compressed { depth: cx.depth },
                 Status::Zero { .. } => Src::Zero,
-                Status::Unallocated if cx.past_end => {
+                Status::Unallocated { .. } if cx.past_end => {
                     self.past_end_pieces(p, p + cx.len, &mut pieces)?;
                     p += cx.len;
                     continue;
                 }
-                Status::Unallocated => Src::Base,
+                Status::Unallocated { .. } => Src::Base,
             };
             pieces.push(Piece {
                 off: p,
@@ -472,7 +472,7 @@ impl StreamJob {
         while p < end.min(size) {
             let cx = self.chain.block_status(p, end.min(size) - p, b, None)?;
             let src = match cx.status {
-                Status::Unallocated | Status::Zero { .. } => Src::Base,
+                Status::Unallocated { .. } | Status::Zero { .. } => Src::Base,
                 _ => Src::Zero,
             };
             push(p, cx.len, src);
@@ -496,7 +496,7 @@ impl StreamJob {
         while p < end.min(size) {
             let cx = self.chain.block_status(p, end.min(size) - p, b, None)?;
             match cx.status {
-                Status::Unallocated | Status::Zero { .. } => p += cx.len,
+                Status::Unallocated { .. } | Status::Zero { .. } => p += cx.len,
                 _ => return Ok(false),
             }
         }

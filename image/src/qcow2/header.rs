@@ -242,14 +242,16 @@ impl Header {
         while pos + 8 <= ext_end {
             let kind = be32(&buf, pos);
             let len = be32(&buf, pos + 4) as usize;
-            if kind == 0 {
-                break;
-            }
+            // The length is checked before the end marker is recognised,
+            // as QEMU does ("Header extension too large").
             let data_end = pos + 8 + len;
             if data_end > ext_end {
                 return Err(Error::invalid(format!(
                     "header extension {kind:#010x} ({len} bytes) runs past the header area"
                 )));
+            }
+            if kind == 0 {
+                break;
             }
             h.extensions.push(Extension {
                 kind,

@@ -18,7 +18,10 @@ fn push(acc: &mut Option<(Status, u64)>, st: Status, n: u64) -> bool {
         (Status::Zero { host: Some(h1) }, Status::Zero { host: Some(h2) }) => h2 == h1 + *len,
         (Status::Zero { host: None }, Status::Zero { host: None }) => true,
         (Status::Compressed, Status::Compressed) => true,
-        (Status::Unallocated, Status::Unallocated) => true,
+        (Status::Unallocated { host: None }, Status::Unallocated { host: None }) => true,
+        (Status::Unallocated { host: Some(h1) }, Status::Unallocated { host: Some(h2) }) => {
+            h2 == h1 + *len
+        }
         _ => false,
     };
     if merges {
@@ -99,7 +102,7 @@ impl Qcow2 {
     /// The status of guest byte `pos` of a cluster starting at `cstart`.
     fn status_of(&self, kind: Kind, cstart: u64, pos: u64) -> Result<Status> {
         Ok(match kind {
-            Kind::Unallocated => Status::Unallocated,
+            Kind::Unallocated => Status::Unallocated { host: None },
             Kind::ZeroPlain => Status::Zero { host: None },
             Kind::ZeroAlloc(h) => Status::Zero {
                 host: Some(self.check_host(h, cstart)? + (pos - cstart)),
@@ -131,7 +134,7 @@ impl Qcow2 {
             let l1i = pos >> g.l1_shift();
             let l1_end = ((l1i + 1) << g.l1_shift()).min(end);
             let Some(off) = self.l2_offset(&m, l1i)? else {
-                if !push(&mut acc, Status::Unallocated, l1_end - pos) {
+                if !push(&mut acc, Status::Unallocated { host: None }, l1_end - pos) {
                     break;
                 }
                 pos = l1_end;
@@ -158,7 +161,15 @@ impl Qcow2 {
                         let kind = l2::classify_sub(e, bm, sc).map_err(|e| {
                             Error::invalid(format!("guest offset {pos:#x}: {}", e.message()))
                         })?;
-                        let st = self.status_of(kind, cstart, pos)?;
+                        let mut st = self.status_of(kind, cstart, pos)?;
+                        let host = e & OFFSET_MASK;
+                        if kind == Kind::Unallocated && host != 0 {
+                            // Unallocated subcluster of an allocated cluster:
+                            // qemu-img map shows the reserved host offset.
+                            st = Status::Unallocated {
+                                host: Some(self.check_host(host, cstart)? + (pos - cstart)),
+                            };
+                        }
                         if !push(&mut acc, st, send - pos) {
                             break 'outer;
                         }

@@ -143,6 +143,9 @@ pub struct Qcow2 {
     synced: AtomicU64,
     /// End of the host space in use: offsets past it are invalid.
     limit: AtomicU64,
+    /// Whether the image looks metadata-preallocated (decided once, on
+    /// first use, as QEMU does).
+    prealloc: std::sync::OnceLock<bool>,
 }
 
 fn feature_list(h: &Header, kind: u8, bits: u64) -> String {
@@ -274,6 +277,11 @@ impl Qcow2 {
             compression,
             clayout: CompressedLayout::new(h.cluster_bits),
         };
+        if h.rt_clusters == 0 {
+            return Err(Error::invalid(
+                "image does not contain a reference count table",
+            ));
+        }
         let protected = vec![(h.l1_offset, l1_bytes)];
         let mut rc = Refcounts::open(
             &*storage,
@@ -342,7 +350,34 @@ impl Qcow2 {
             pending: Mutex::new(HashMap::new()),
             synced: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
+            prealloc: std::sync::OnceLock::new(),
         })
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`: the image counts as
+    /// metadata-preallocated when clusters in use (nonzero refcount) reach
+    /// `max(real * 10 / 9, real + 2)`, where `real` is the number of
+    /// clusters the file system actually allocated for the file.
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let cs = self.geo.cs();
+        let file_len = self.storage.len().map_err(io("reading file size"))?;
+        let real = self
+            .storage
+            .allocated_bytes()
+            .map_err(io("reading file allocation"))?
+            / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end = file_len.div_ceil(cs);
+        let mut rc = lock(&self.alloc);
+        let mut count = 0;
+        let mut i = 0;
+        while i < end && count < threshold {
+            if rc.get(&*self.storage, i)? != 0 {
+                count += 1;
+            }
+            i += 1;
+        }
+        Ok(count >= threshold)
     }
 
     fn limit(&self) -> u64 {
@@ -398,6 +433,14 @@ fn first_bytes(b: &[u8], at: usize) -> [u8; 8] {
 }
 
 impl Driver for Qcow2 {
+    fn data_may_be_holes(&self) -> Result<bool> {
+        if let Some(v) = self.prealloc.get() {
+            return Ok(*v);
+        }
+        let v = self.detect_metadata_preallocation()?;
+        Ok(*self.prealloc.get_or_init(|| v))
+    }
+
     fn info(&self) -> LayerInfo {
         let hs = lock(&self.header);
         let h = &hs.header;
@@ -434,7 +477,9 @@ impl Driver for Qcow2 {
         }
         LayerInfo {
             format: Format::Qcow2,
-            virtual_size: self.geo.size,
+            // QEMU counts whole sectors: a size that is not a multiple of
+            // 512 is cut down to one.
+            virtual_size: self.geo.size / 512 * 512,
             cluster_size: Some(self.geo.cs()),
             backing: h.backing.as_ref().map(|n| BackingFile {
                 name: n.clone(),

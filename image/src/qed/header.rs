@@ -125,9 +125,6 @@ impl Header {
             )));
         }
         let geo = Geometry::new(u64::from(self.cluster_size), u64::from(self.table_size))?;
-        if self.header_size == 0 {
-            return Err(Error::invalid("invalid QED header size 0 (clusters)"));
-        }
         let header_bytes = u64::from(self.header_size) * geo.cluster_size;
         if header_bytes > u64::from(u32::MAX) {
             return Err(Error::invalid(format!(
@@ -375,8 +372,10 @@ mod tests {
             assert!(msg(h).contains("table size"));
         }
         let mut h = sample();
+        // QEMU accepts a header size of 0 clusters (there is then no
+        // room for a backing file name).
         h.header_size = 0;
-        assert!(msg(h).contains("header size"));
+        assert!(h.validate(len).is_ok());
         let mut h = sample();
         h.header_size = u32::MAX;
         assert!(msg(h).contains("too large"));

@@ -593,7 +593,7 @@ impl Driver for Qed {
         let (kind, n) = self.scan(first, self.geo.clusters(end))?;
         let ext_end = ((first + n) << bits).min(end);
         let status = match kind {
-            Kind::Unalloc => Status::Unallocated,
+            Kind::Unalloc => Status::Unallocated { host: None },
             Kind::Zero => Status::Zero { host: None },
             Kind::Data(h) => Status::Data {
                 host: h + (offset - (first << bits)),
