@@ -123,7 +123,13 @@ enum Cmd {
         #[arg(long, value_name = "IMAGE")]
         base: Option<PathBuf>,
         /// Speed limit in bytes/s, with an optional binary suffix (64M); 0 = unlimited.
-        #[arg(long, value_name = "RATE", value_parser = size::parse_size, default_value = "0")]
+        #[arg(
+            long,
+            value_name = "RATE",
+            value_parser = size::parse_size,
+            default_value = "0",
+            allow_negative_numbers = true
+        )]
         speed: u64,
         /// Record the base relative to IMAGE's directory instead of its
         /// absolute path (nothing to record without --base).
