@@ -173,6 +173,24 @@ impl Dir {
         v["backing-filename"].as_str().map(String::from)
     }
 
+    /// The top's own data: (guest start, length, host offset) per extent.
+    fn own_data(&self, f: &str) -> Vec<(u64, u64, u64)> {
+        let v: Value =
+            serde_json::from_str(&self.must("qemu-img", &["map", "--output=json", f])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["offset"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
     fn bytes(&self, f: &str) -> Vec<u8> {
         std::fs::read(self.path(f)).unwrap()
     }
@@ -486,6 +504,27 @@ impl Rng {
     }
 }
 
+/// Whether every guest byte the top held in `before` is still held by it
+/// at the same host offset in `after` (not copied a second time).
+fn kept(before: &[(u64, u64, u64)], after: &[(u64, u64, u64)]) -> Result<(), String> {
+    for &(s, l, h) in before {
+        let mut pos = s;
+        while pos < s + l {
+            let Some(&(s2, l2, h2)) = after
+                .iter()
+                .find(|&&(s2, l2, _)| s2 <= pos && pos < s2 + l2)
+            else {
+                return Err(format!("guest {pos:#x} no longer in the top"));
+            };
+            if h2 + (pos - s2) != h + (pos - s) {
+                return Err(format!("guest {pos:#x} was copied again"));
+            }
+            pos = (s2 + l2).min(s + l);
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn kill_9_at_random_moments() {
     let rounds: u64 = std::env::var("IMGPULL_KILL_LOOPS")
@@ -502,6 +541,8 @@ fn kill_9_at_random_moments() {
             .collect();
         let mut done = false;
         let (mut mid_pull, mut finished) = (0, 0);
+        // The top's own data after the last kill that left work to do.
+        let mut held: Option<Vec<(u64, u64, u64)>> = None;
         for round in 0..rounds {
             if done {
                 // Start over with a fresh chain so every round kills a pull.
@@ -539,21 +580,31 @@ fn kill_9_at_random_moments() {
             for (f, b) in ["base.raw", "mid.qcow2"].iter().zip(&others) {
                 assert!(*b == d.bytes(f), "round {round}: {f} modified");
             }
+            let now = d.own_data("top");
+            if let Some(before) = held.take() {
+                if let Err(e) = kept(&before, &now) {
+                    panic!("round {round}: {e}");
+                }
+            }
             done = st.success() || d.backing("top").is_none();
             if done {
                 finished += 1;
             } else {
                 mid_pull += 1;
+                held = Some(now);
             }
         }
         eprintln!("{fmt}: {mid_pull} kills mid-pull, {finished} after the backing was dropped");
         assert!(mid_pull > 0, "some kills must land mid-pull");
-        // A rerun completes.
+        // A rerun completes, without copying again what was copied.
         let o = d.imgpull(&["pull", "top"]);
         assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
         d.check("top");
         d.compare("top");
         assert_eq!(d.backing("top"), None);
+        if let Some(before) = held {
+            kept(&before, &d.own_data("top")).unwrap();
+        }
     }
 }
 

@@ -260,6 +260,47 @@ fn depth_four_across_directories_relative() {
 }
 
 #[test]
+fn depth_eight() {
+    let fmts = [
+        "raw", "qed", "qcow2", "qcow2", "qed", "qcow2", "qed", "qcow2",
+    ];
+    let opts = [
+        "",
+        "cluster_size=4k",
+        "compat=0.10",
+        "extended_l2=on",
+        "",
+        "cluster_size=512",
+        "",
+        "",
+    ];
+    let layers = || {
+        (0..8)
+            .map(|i| {
+                let name = format!("d{}/l{i}.{}", i % 3, fmts[i]);
+                Layer::new(&name, fmts[i], 8 * MIB).opts(opts[i]).ops([
+                    format!("write -P {} {} 300k", 0x10 + i, i as u64 * 900 * KIB),
+                    format!("write -z {} 64k", (i as u64 + 1) * 700 * KIB),
+                    format!(
+                        "write -P {} {} 512",
+                        0x40 + i,
+                        7 * MIB + i as u64 * 4096 + 512
+                    ),
+                ])
+            })
+            .collect::<Vec<_>>()
+    };
+    run(Case::new("depth8 full", layers()));
+    run(Case::new("depth8 base=l0 relative", layers())
+        .base(0)
+        .relative());
+    run(Case::new("depth8 base=l3", layers()).base(3));
+    run(Case::new("depth8 base=l5 relative", layers())
+        .base(5)
+        .relative());
+}
+
+#[test]
 fn qed_top_records_a_format_only_for_raw() {
     let layers = || {
         vec![
