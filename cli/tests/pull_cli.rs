@@ -468,14 +468,27 @@ fn sigint_and_sigterm_cancel_cleanly() {
     for (sig, fmt) in [(libc::SIGINT, "qcow2"), (libc::SIGTERM, "qed")] {
         let d = Dir::new();
         d.chain(fmt, 32 * MIB);
-        let child = spawn_pull(&d, &["pull", "--json", "--speed", "8M", "top"]);
-        std::thread::sleep(Duration::from_millis(600));
+        let mut child = spawn_pull(&d, &["pull", "--json", "--speed", "8M", "top"]);
+        // Signal once the pull has copied something (mid-pull).
+        let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut out = String::new();
+        loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+            assert!(n > 0, "pull ended early: {out}");
+            out.push_str(&line);
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["cur"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
         // SAFETY: sends a signal to our own child.
         unsafe { libc::kill(child.id() as i32, sig) };
         let t0 = Instant::now();
+        std::io::Read::read_to_string(&mut reader, &mut out).unwrap();
         let o = child.wait_with_output().unwrap();
         assert!(t0.elapsed() < Duration::from_secs(5), "prompt cancel");
-        let (out, err) = text(&o);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(130), "{out}{err}");
         let (lines, ev) = json_lines(&out);
         check_progress(&lines, 32 * MIB);
