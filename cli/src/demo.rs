@@ -19,7 +19,7 @@ const MIB: u64 = 1 << 20;
 /// Virtual size of the sample disk.
 const SIZE: u64 = 32 * MIB;
 /// Speed of the demo pull, so the bar has something to show.
-const SPEED: u64 = 24 * MIB;
+const SPEED: u64 = 16 * MIB;
 
 /// Bytes that differ per position, so a misplaced copy shows.
 fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {

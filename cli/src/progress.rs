@@ -142,7 +142,8 @@ impl Display {
             if info.bandwidth > 0 {
                 line.push_str(&format!(" (limit {}/s)", size_to_str(info.bandwidth)));
             }
-            line.push_str("   ");
+            // Clear what a longer previous line left behind.
+            line.push_str("\x1b[K");
             let mut err = std::io::stderr().lock();
             let _ = err.write_all(line.as_bytes());
             let _ = err.flush();
