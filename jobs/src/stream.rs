@@ -503,11 +503,12 @@ impl StreamJob {
         Ok(true)
     }
 
-    /// The parts of `pieces` within `[a, b)`.
-    fn parts<'p>(pieces: &'p [Piece], a: u64, b: u64) -> impl Iterator<Item = Piece> + 'p {
-        pieces
+    /// The parts of `pieces` (sorted, contiguous) within `[a, b)`.
+    fn parts(pieces: &[Piece], a: u64, b: u64) -> impl Iterator<Item = Piece> + '_ {
+        let first = pieces.partition_point(|p| p.end() <= a);
+        pieces[first..]
             .iter()
-            .filter(move |p| p.off < b && a < p.end())
+            .take_while(move |p| p.off < b)
             .map(move |p| {
                 let s = p.off.max(a);
                 let e = p.end().min(b);
@@ -620,12 +621,18 @@ impl StreamJob {
                         // qcow2 v2 over a backing file: zeros as data, only
                         // where the base would otherwise show through.
                         let mut x = ra;
+                        let mut run: Option<u64> = None;
                         while x < rb {
                             let y = (align_down(x, g) + g).min(rb);
                             if self.zero_needs_mask(pieces, x, y).map_err(read_err)? {
-                                self.write_range(ctx, pieces, x, y)?;
+                                run.get_or_insert(x);
+                            } else if let Some(start) = run.take() {
+                                self.write_range(ctx, pieces, start, x)?;
                             }
                             x = y;
+                        }
+                        if let Some(start) = run {
+                            self.write_range(ctx, pieces, start, rb)?;
                         }
                     }
                 }
@@ -895,9 +902,9 @@ impl StreamJob {
                 continue;
             }
             // Skip whole granules that are unallocated down to the base.
-            let leave_end = pieces
+            let first = pieces.partition_point(|p| p.end() <= offset);
+            let leave_end = pieces[first..]
                 .iter()
-                .filter(|p| p.end() > offset)
                 .take_while(|p| p.src == Src::Base)
                 .last()
                 .map_or(offset, |p| p.end().min(win_end));
