@@ -77,6 +77,8 @@ pub struct StreamOptions {
     pub workers: usize,
     /// Largest range per worker request without a speed limit.
     pub max_chunk: u64,
+    /// How much of the image the dispatcher maps at once.
+    pub window: u64,
 }
 
 impl Default for StreamOptions {
@@ -87,6 +89,7 @@ impl Default for StreamOptions {
             backing_file: None,
             workers: DEFAULT_WORKERS,
             max_chunk: MAX_CHUNK,
+            window: WINDOW,
         }
     }
 }
@@ -120,6 +123,7 @@ pub struct StreamJob {
     new_backing: Option<BackingFile>,
     workers: usize,
     max_chunk: u64,
+    window: u64,
     stats: Arc<StreamStats>,
 }
 
@@ -182,8 +186,12 @@ struct Task {
     pieces: Arc<Vec<Piece>>,
 }
 
+/// A mapped range of the top: `Ok(Err(len))` when the top holds its first
+/// `len` bytes, else the end of the window and where its bytes live.
+type Mapped = Result<std::result::Result<(u64, Arc<Vec<Piece>>), u64>>;
+
 /// How much of the guest address space the dispatcher maps at once.
-const WINDOW: u64 = 64 << 20;
+pub const WINDOW: u64 = 64 << 20;
 
 /// A failed task.
 struct Failure {
@@ -379,6 +387,7 @@ impl StreamJob {
             new_backing,
             workers: opts.workers.max(1),
             max_chunk: opts.max_chunk.max(1),
+            window: opts.window.max(1),
             stats: Arc::default(),
         })
     }
@@ -411,7 +420,7 @@ impl StreamJob {
         } else {
             // About 20 ms of data: small enough that a guest write waiting
             // for the range lock is not held up long.
-            (speed / 50).clamp(piece_for(speed), 1 << 20)
+            (speed / 50).clamp(piece_for(speed), 2 << 20)
         };
         align_down(want, g).max(g)
     }
@@ -772,6 +781,21 @@ impl StreamJob {
         let mut in_flight = 0usize;
         let mut retry: Vec<Task> = Vec::new();
         let mut failed: Option<String> = None;
+        // Map the range from `at`.
+        let map_at = |at: u64| -> Mapped {
+            let ext = top.block_status(at, size - at)?;
+            if ext.status.is_allocated() {
+                return Ok(Err(ext.len));
+            }
+            // Windows end on a granule boundary (or where the top's
+            // unallocated extent ends), so every task is granule-aligned.
+            let end = ext
+                .end()
+                .min(align_down(at.saturating_add(self.window), g).max(at + g));
+            Ok(Ok((end, Arc::new(self.sources(at, end)?))))
+        };
+        // A mapping made ahead of time, and where it starts.
+        let mut ahead: Option<(u64, Mapped)> = None;
 
         // Account for one finished task; `Some(message)` ends the job.
         let settle = |t: Task, r: TaskResult, retry: &mut Vec<Task>| -> Option<String> {
@@ -843,6 +867,17 @@ impl StreamJob {
             let speed = ctx.speed();
             let max_in_flight = self.workers;
             if in_flight >= max_in_flight {
+                // While the workers are busy, map the next window (finding
+                // sources can be slow: SEEK_HOLE on a large raw file), so
+                // they do not wait for it when this one runs out.
+                if ahead.is_none() {
+                    if let Some((win_end, _)) = &window {
+                        if *win_end < size {
+                            ahead = Some((*win_end, map_at(*win_end)));
+                            continue;
+                        }
+                    }
+                }
                 wait_one(&mut in_flight, &mut retry, &mut failed);
                 continue;
             }
@@ -862,21 +897,16 @@ impl StreamJob {
                     wait_one(&mut in_flight, &mut retry, &mut failed);
                     continue;
                 }
-                // Map the next window: skip what the top has, find the
-                // sources of what it lacks.
-                let mapped = top.block_status(offset, size - offset).and_then(|ext| {
-                    if ext.status.is_allocated() {
-                        return Ok(Err(ext.len));
-                    }
-                    let end = ext.end().min(offset + WINDOW);
-                    Ok(Ok((end, self.sources(offset, end)?)))
-                });
+                let mapped = match ahead.take() {
+                    Some((at, m)) if at == offset => m,
+                    _ => map_at(offset),
+                };
                 match mapped {
                     Ok(Err(allocated)) => {
                         ctx.add_progress(allocated);
                         offset += allocated;
                     }
-                    Ok(Ok((end, pieces))) => window = Some((end, Arc::new(pieces))),
+                    Ok(Ok(w)) => window = Some(w),
                     Err(e) => {
                         let msg = e.to_string();
                         match ctx.error_action(&msg, IoOperation::Read, false) {

@@ -522,6 +522,7 @@ fn random_chains() {
         let opts = StreamOptions {
             workers: 1 + rng.below(4) as usize,
             max_chunk: [64 * KIB, 256 * KIB, 4 * MIB][rng.below(3) as usize],
+            window: [100 * KIB, MIB, 64 * MIB][rng.below(3) as usize],
             ..Default::default()
         };
         let r = std::panic::catch_unwind(|| run_case(&c, opts));
