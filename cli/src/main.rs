@@ -113,10 +113,12 @@ enum Cmd {
         #[arg(value_parser = size::parse_size)]
         size: Option<u64>,
     },
-    /// Pull the backing chain into IMAGE (libvirt's blockpull, QEMU's
-    /// block-stream) and wait: afterwards IMAGE has no backing file, or
-    /// BASE as its backing file. Ctrl-C cancels cleanly (exit 130); a
-    /// later pull resumes.
+    /// Pull the backing chain into IMAGE and wait (libvirt's blockpull,
+    /// QEMU's block-stream).
+    ///
+    /// Afterwards IMAGE has no backing file, or BASE as its backing file.
+    /// Ctrl-C (SIGINT) or SIGTERM cancels cleanly (exit 130): the chain
+    /// stays valid and a later pull resumes where this one stopped.
     Pull {
         /// Keep this image of the chain as the new backing file (pull only
         /// the layers above it).
