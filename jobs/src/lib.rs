@@ -14,6 +14,28 @@
 //! Nothing here is specific to the command line: the daemon's QMP socket
 //! drives the same [`Job`]s while its guest queues do I/O on the same
 //! open chain (the stream job takes the top's range locks).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use imgpull_chain::{Chain, ChainOptions};
+//! use imgpull_jobs::{EventBus, Job, JobOptions, Outcome, StreamJob, StreamOptions};
+//!
+//! let opts = ChainOptions { writable: true, ..Default::default() };
+//! let chain = Arc::new(Chain::open("top.qcow2", &opts)?);
+//! // Keep layer 2 (the top's backing's backing) as the new backing file.
+//! let stream = StreamJob::new(chain.clone(), &StreamOptions { base: Some(2), ..Default::default() })?;
+//! let bus = Arc::new(EventBus::new());
+//! let events = bus.subscribe(); // JOB_STATUS_CHANGE, BLOCK_JOB_COMPLETED, ...
+//! let job = Job::new("pull0", Box::new(stream), JobOptions { speed: 64 << 20, ..Default::default() }, bus)
+//!     .expect("valid job id");
+//! job.start();
+//! job.set_speed(0).ok(); // any verb, from any thread, while it runs
+//! assert_eq!(job.wait(), Outcome::Completed);
+//! for e in events.try_iter() {
+//!     println!("{}", e.to_qmp());
+//! }
+//! # Ok::<(), imgpull_image::Error>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod event;
