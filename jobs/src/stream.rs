@@ -865,7 +865,14 @@ impl StreamJob {
                 continue;
             }
             let speed = ctx.speed();
-            let max_in_flight = self.workers;
+            // Under a speed limit, no more in flight than about 100 ms of
+            // copying, so that a pause (which waits for them) comes soon.
+            let max_in_flight = if speed == 0 {
+                self.workers
+            } else {
+                let chunk = self.chunk_len(speed, g);
+                ((speed / 10) / chunk).clamp(1, self.workers as u64) as usize
+            };
             if in_flight >= max_in_flight {
                 // While the workers are busy, map the next window (finding
                 // sources can be slow: SEEK_HOLE on a large raw file), so
