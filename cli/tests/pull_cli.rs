@@ -628,3 +628,77 @@ fn demo_verifies_and_leaves_nothing() {
         .expect("names the directory it removed");
     assert!(!Path::new(dir.trim()).exists(), "{dir} left behind");
 }
+
+/// Unmounts a small tmpfs on drop.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A write error mid-pull (the top's file system fills up): exit 1, a
+/// FAILED event with the error, the chain valid and unchanged for the
+/// guest, the backing file kept.
+#[test]
+fn a_full_file_system_fails_the_pull_cleanly() {
+    let d = Dir::new();
+    d.must(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "base.raw", "16M"],
+    );
+    d.qemu_io("raw", "base.raw", &["write -P 5 0 16M"]);
+    d.must(
+        "qemu-img",
+        &["convert", "-O", "raw", "base.raw", "orig.raw"],
+    );
+    let mnt = d.path("small");
+    std::fs::create_dir(&mnt).unwrap();
+    // Needs root (or a user namespace) to mount; skip elsewhere.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3M", "tmpfs"])
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here");
+        return;
+    }
+    let _guard = SmallFs(mnt.clone());
+    let base = d.path("base.raw");
+    let base = base.to_str().unwrap();
+    d.must(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base,
+            "-F",
+            "raw",
+            "small/top.qcow2",
+        ],
+    );
+    let o = d.imgpull(&["pull", "--json", "small/top.qcow2"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("small/top.qcow2") && err.contains("No space left"),
+        "{err}"
+    );
+    let (lines, ev) = json_lines(&out);
+    check_progress(&lines, 16 * MIB);
+    assert_eq!(ev["event"], "FAILED", "{ev}");
+    assert!(
+        ev["error"].as_str().unwrap().contains("No space left"),
+        "{ev}"
+    );
+    d.check("small/top.qcow2");
+    d.compare("small/top.qcow2");
+    assert_eq!(d.backing("small/top.qcow2").as_deref(), Some(base));
+}
