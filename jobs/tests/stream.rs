@@ -659,7 +659,9 @@ fn pause_resume_and_speed_changes_while_running() {
     )
     .unwrap();
     job.start();
+    let t0 = Instant::now();
     while stats.copied() < 256 * KIB {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no progress");
         std::thread::sleep(Duration::from_millis(2));
     }
     job.pause().unwrap();
