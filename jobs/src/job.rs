@@ -168,7 +168,9 @@ pub struct Job {
     state: Mutex<State>,
     wake: Condvar,
     bus: Arc<EventBus>,
-    driver: Box<dyn JobDriver>,
+    /// The work; taken by the job's thread and dropped (releasing the
+    /// images it holds) before the job concludes.
+    driver: Mutex<Option<Box<dyn JobDriver>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -322,7 +324,7 @@ impl Job {
             }),
             wake: Condvar::new(),
             bus,
-            driver,
+            driver: Mutex::new(Some(driver)),
             thread: Mutex::new(None),
         });
         let mut st = job.lock();
@@ -346,11 +348,14 @@ impl Job {
             Err(e) => {
                 // No thread: fail the job the way QEMU fails a job early.
                 drop(th);
+                let Some(driver) = self.take_driver() else {
+                    return;
+                };
                 let mut st = self.lock();
                 st.started = true;
                 st.error = Some(format!("cannot start the job thread: {e}"));
                 self.transition(&mut st, JobStatus::Aborting);
-                self.finish_aborted(st);
+                self.finish_aborted(st, driver);
             }
         }
     }
@@ -628,19 +633,26 @@ impl Job {
 
     // ---- the job's thread ----
 
+    fn take_driver(&self) -> Option<Box<dyn JobDriver>> {
+        self.driver.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     fn lifecycle(self: Arc<Self>) {
+        let Some(driver) = self.take_driver() else {
+            return;
+        };
         let mut st = self.lock();
         st.started = true;
         if st.cancelled {
             // Cancelled before it ran: straight to aborting.
             self.transition(&mut st, JobStatus::Aborting);
-            return self.finish_aborted(st);
+            return self.finish_aborted(st, driver);
         }
         self.transition(&mut st, JobStatus::Running);
         st.busy += 1;
         drop(st);
         let ctx = JobContext { job: &self };
-        let r = self.driver.run(&ctx);
+        let r = driver.run(&ctx);
         let mut st = self.lock();
         st.busy = st.busy.saturating_sub(1);
         let failure = match r {
@@ -651,7 +663,7 @@ impl Job {
         if st.cancelled || failure.is_some() {
             st.error = failure;
             self.transition(&mut st, JobStatus::Aborting);
-            return self.finish_aborted(st);
+            return self.finish_aborted(st, driver);
         }
         self.transition(&mut st, JobStatus::Waiting);
         self.transition(&mut st, JobStatus::Pending);
@@ -665,20 +677,21 @@ impl Job {
             }
             if st.cancelled {
                 self.transition(&mut st, JobStatus::Aborting);
-                return self.finish_aborted(st);
+                return self.finish_aborted(st, driver);
             }
         }
         drop(st);
-        let prepared = self.driver.prepare();
+        let prepared = driver.prepare();
         let mut st = self.lock();
         if let Err(msg) = prepared {
             st.error = Some(msg);
             self.transition(&mut st, JobStatus::Aborting);
-            return self.finish_aborted(st);
+            return self.finish_aborted(st, driver);
         }
         drop(st);
-        self.driver.commit();
-        self.driver.clean();
+        driver.commit();
+        driver.clean();
+        drop(driver);
         let mut st = self.lock();
         self.emit(EventKind::BlockJobCompleted {
             job_type: self.job_type,
@@ -694,10 +707,11 @@ impl Job {
 
     /// From `aborting`: the driver's abort and clean, the final event,
     /// conclude.
-    fn finish_aborted(&self, st: MutexGuard<'_, State>) {
+    fn finish_aborted(&self, st: MutexGuard<'_, State>, driver: Box<dyn JobDriver>) {
         drop(st);
-        self.driver.abort();
-        self.driver.clean();
+        driver.abort();
+        driver.clean();
+        drop(driver);
         let mut st = self.lock();
         if st.cancelled {
             // QEMU reports a cancelled job's error as strerror(ECANCELED).

@@ -742,3 +742,45 @@ fn guest_writes_race_with_the_job() {
             .unwrap_or_else(|e| panic!("{top_fmt}: {e}"));
     }
 }
+
+/// Once the job has concluded the layers it dropped from the chain are
+/// closed (their locks released) even while the job object lives on.
+#[test]
+fn dropped_layers_are_released_at_conclusion() {
+    let d = Dir::new();
+    let layers = chain_for_cancel(&d);
+    let chain = open_rw(&d.path("top.qcow2"));
+    let sj = StreamJob::new(
+        chain.clone(),
+        &StreamOptions {
+            base: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let job = Job::new(
+        "pull0",
+        Box::new(sj),
+        JobOptions {
+            auto_dismiss: false,
+            ..Default::default()
+        },
+        Arc::new(EventBus::new()),
+    )
+    .unwrap();
+    job.start();
+    assert_eq!(job.wait(), Outcome::Completed);
+    assert_eq!(job.status(), JobStatus::Concluded);
+    assert_eq!(chain.depth(), 2, "top and the kept base");
+    // mid.qcow2 is no longer open: a writer may take it.
+    let mid = imgpull_image::Image::open(
+        d.path(&layers[1].name),
+        &imgpull_image::OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    );
+    assert!(mid.is_ok(), "{:?}", mid.err());
+    job.dismiss().unwrap();
+    job.join();
+}
