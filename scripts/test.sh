@@ -35,5 +35,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test"
+echo "== cargo test (default backend: io_uring where available)"
 cargo test --workspace
+echo "== cargo test (pread fallback backend)"
+IMGPULL_IO_BACKEND=pread cargo test --workspace
+echo "== cargo bench --no-run"
+cargo bench --workspace --no-run
