@@ -182,16 +182,6 @@ pub fn rebuild(storage: &dyn Storage, geo: &Geometry) -> Result<(u64, u64)> {
             .write_at(&block, block_off)
             .map_err(io("writing a refcount block"))?;
     }
-    storage
-        .write_at(&words_to_be(&table), table_off)
-        .map_err(io("writing the refcount table"))?;
-    storage.flush().map_err(io("flushing"))?;
-    let mut hdr = [0u8; 12];
-    hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-    hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
-    storage
-        .write_at(&hdr, 48)
-        .map_err(io("writing the header"))?;
-    storage.flush().map_err(io("flushing"))?;
+    super::refcount::install_table(storage, &table, table_off, t)?;
     Ok((table_off, t))
 }

@@ -67,6 +67,28 @@ pub fn max_refcount(order: u32) -> u64 {
     }
 }
 
+/// Write a refcount table at `table_off` and make it durable, then switch
+/// the header to it (`clusters` clusters long) with one 12-byte write and
+/// make that durable: the image is valid before, between and after.
+pub fn install_table(
+    storage: &dyn Storage,
+    table: &[u64],
+    table_off: u64,
+    clusters: u64,
+) -> Result<()> {
+    storage
+        .write_at(&words_to_be(table), table_off)
+        .map_err(io("writing the refcount table"))?;
+    storage.flush().map_err(io("flushing"))?;
+    let mut hdr = [0u8; 12];
+    hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+    hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+    storage
+        .write_at(&hdr, 48)
+        .map_err(io("updating the header"))?;
+    storage.flush().map_err(io("flushing"))
+}
+
 fn io(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::io(what.to_string(), e)
 }
@@ -410,17 +432,7 @@ impl Refcounts {
             self.blocks.insert(block_off, block);
         }
         let table_off = (area + k) << self.cluster_bits;
-        storage
-            .write_at(&words_to_be(&new_table), table_off)
-            .map_err(io("writing the new refcount table"))?;
-        storage.flush().map_err(io("flushing"))?;
-        let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
-        storage
-            .write_at(&hdr, 48)
-            .map_err(io("updating the header"))?;
-        storage.flush().map_err(io("flushing"))?;
+        install_table(storage, &new_table, table_off, t)?;
         let (old_off, old_clusters) = self.table_location();
         self.table = new_table;
         self.table_offset = table_off;
