@@ -166,7 +166,7 @@ impl Image {
         let driver: Box<dyn Driver> = match format {
             Format::Qcow2 => Box::new(qcow2::Qcow2::open(storage, opts.writable).at(path)?),
             Format::Qed => Box::new(qed::Qed::open(storage, opts.writable).at(path)?),
-            Format::Raw => Box::new(raw::Raw::open(storage).at(path)?),
+            Format::Raw => Box::new(raw::Raw::open(storage, opts.writable).at(path)?),
         };
         Ok(Image {
             path: path.to_path_buf(),

@@ -1,5 +1,7 @@
 //! The raw format: guest offset equals file offset; holes read as zeros.
 
+use std::sync::Mutex;
+
 use crate::driver::{BackingFile, Driver, Extent, Format, HostRun, LayerInfo, Status};
 use crate::error::{Error, Result};
 use crate::storage::{Allocation, Storage};
@@ -9,18 +11,29 @@ use crate::storage::{Allocation, Storage};
 pub struct Raw {
     storage: Box<dyn Storage>,
     size: u64,
+    /// The last data/hole extent learned from `SEEK_DATA`/`SEEK_HOLE`, not
+    /// clipped to the request: on tmpfs a seek costs time proportional to
+    /// the distance it travels, so sequential queries reuse the answer.
+    /// Only read-only opens keep it (other processes cannot write while we
+    /// hold the image lock); a writable raw image asks every time, so a
+    /// concurrent write can never leave a stale "hole" behind.
+    known: Option<Mutex<Option<(u64, u64, Allocation)>>>,
 }
 
 impl Raw {
     /// Open a raw image over `storage`. Its size is the file's length
     /// rounded up to whole 512-byte sectors, as QEMU sees it; the tail past
     /// the end of the file reads as zeros.
-    pub fn open(storage: Box<dyn Storage>) -> Result<Raw> {
+    pub fn open(storage: Box<dyn Storage>, writable: bool) -> Result<Raw> {
         let len = storage
             .len()
             .map_err(|e| Error::io("reading file size", e))?;
         let size = len.div_ceil(512) * 512;
-        Ok(Raw { storage, size })
+        Ok(Raw {
+            storage,
+            size,
+            known: (!writable).then(|| Mutex::new(None)),
+        })
     }
 
     /// Create a raw image of `size` bytes (a sparse file).
@@ -48,10 +61,28 @@ impl Driver for Raw {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        let (a, n) = self
-            .storage
-            .allocation(offset, len)
-            .map_err(|e| Error::io("querying holes", e))?;
+        let ask = || -> Result<(Allocation, u64)> {
+            let (a, n) = self
+                .storage
+                .allocation(offset, self.size - offset)
+                .map_err(|e| Error::io("querying holes", e))?;
+            Ok((a, offset + n.min(self.size - offset)))
+        };
+        let (a, end) = match &self.known {
+            None => ask()?,
+            Some(known) => {
+                let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+                match *known {
+                    Some((s, e, a)) if s <= offset && offset < e => (a, e),
+                    _ => {
+                        let (a, end) = ask()?;
+                        *known = Some((offset, end, a));
+                        (a, end)
+                    }
+                }
+            }
+        };
+        let n = end.min(offset + len) - offset;
         let status = match a {
             Allocation::Data => Status::Data { host: offset },
             Allocation::Hole => Status::Zero { host: Some(offset) },
@@ -111,6 +142,43 @@ impl Driver for Raw {
         match backing {
             None => Ok(()),
             Some(_) => Err(Error::unsupported("raw images cannot have a backing file")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::SyncFile;
+
+    /// Read-only opens answer from the remembered extent; the answers are
+    /// the same as a writable open's, which asks every time.
+    #[test]
+    fn remembered_extents_answer_like_fresh_seeks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.raw");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(8 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[7u8; 1 << 20], 1 << 20).unwrap();
+        f.write_all_at(&[7u8; 4096], 5 << 20).unwrap();
+        let open = |w| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(w)
+                .open(&p)
+                .unwrap();
+            Raw::open(Box::new(SyncFile::new(file)), w).unwrap()
+        };
+        let (ro, rw) = (open(false), open(true));
+        for step in [4096u64, 65536, 300_000] {
+            let mut off = 0;
+            while off < 8 << 20 {
+                let len = step.min((8 << 20) - off);
+                let a = ro.block_status(off, len).unwrap();
+                assert_eq!(a, rw.block_status(off, len).unwrap(), "at {off}+{len}");
+                off += a.len;
+            }
         }
     }
 }
