@@ -43,8 +43,10 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use imgpull_chain::Chain;
+use imgpull_image::uring::{self, CopyError, CopyReq, CopySrc};
 use imgpull_image::{
     BackingFile, Error, ErrorKind, Extent, Format, GuestRead, HostRun, Image, IoReq, Result,
     ResultExt, Status, Zeros,
@@ -119,6 +121,10 @@ impl StreamStats {
 pub struct StreamJob {
     chain: Arc<Chain>,
     layers: Arc<Vec<Arc<Image>>>,
+    /// Virtual size of each layer.
+    sizes: Vec<u64>,
+    /// The top's allocation unit.
+    granule: u64,
     base: Option<usize>,
     new_backing: Option<BackingFile>,
     workers: usize,
@@ -184,6 +190,70 @@ struct Task {
     off: u64,
     len: u64,
     pieces: Arc<Vec<Piece>>,
+}
+
+/// Largest part of a run filled through a buffer at once.
+const BUFFERED_PART: u64 = 1 << 20;
+
+/// How the bytes of prepared runs of the top get there: file-to-file
+/// copies of data pieces, and guest ranges (with their host offset in the
+/// top) to fill through a buffer.
+struct CopyPlan<'a> {
+    copies: Vec<CopyReq<'a>>,
+    buffered: Vec<(u64, u64, u64)>,
+}
+
+impl<'a> CopyPlan<'a> {
+    fn new(layers: &'a [Arc<Image>], pieces: &[Piece], runs: &[HostRun]) -> CopyPlan<'a> {
+        let mut copies: Vec<CopyReq<'a>> = Vec::new();
+        let mut copy_end = 0u64;
+        let mut buffered: Vec<(u64, u64, u64)> = Vec::new();
+        for r in runs {
+            for p in StreamJob::parts(pieces, r.guest, r.guest + r.len) {
+                let host = r.host + (p.off - r.guest);
+                match p.src {
+                    Src::Data { depth, host: from } => {
+                        let seg = CopySrc {
+                            storage: layers[depth].storage(),
+                            offset: from,
+                            len: p.len,
+                        };
+                        match copies.last_mut() {
+                            Some(c) if copy_end == host => c.srcs.push(seg),
+                            _ => copies.push(CopyReq {
+                                dst_offset: host,
+                                srcs: vec![seg],
+                            }),
+                        }
+                        copy_end = host + p.len;
+                    }
+                    _ => {
+                        let mut off = p.off;
+                        while off < p.end() {
+                            let host = r.host + (off - r.guest);
+                            match buffered.last_mut() {
+                                Some(x)
+                                    if x.1 == off
+                                        && x.2 + (x.1 - x.0) == host
+                                        && x.1 - x.0 < BUFFERED_PART =>
+                                {
+                                    let e = p.end().min(x.0 + BUFFERED_PART);
+                                    x.1 = e;
+                                    off = e;
+                                }
+                                _ => {
+                                    let e = p.end().min(off + BUFFERED_PART);
+                                    buffered.push((off, e, host));
+                                    off = e;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        CopyPlan { copies, buffered }
+    }
 }
 
 /// A mapped range of the top: `Ok(Err(len))` when the top holds its first
@@ -380,9 +450,13 @@ impl StreamJob {
                 })
             }
         };
+        let sizes = layers.iter().map(|l| l.virtual_size()).collect();
+        let granule = top.driver().granularity().max(1);
         Ok(StreamJob {
             chain,
             layers,
+            sizes,
+            granule,
             base,
             new_backing,
             workers: opts.workers.max(1),
@@ -425,42 +499,86 @@ impl StreamJob {
         align_down(want, g).max(g)
     }
 
-    /// Where `[off, end)` (unallocated in the top) lives above the base.
+    /// Where `[off, end)` of layer `d` lives (the first extent; the range
+    /// lies within the layer). Asks the driver directly: the job knows the
+    /// layers' sizes.
+    fn layer_status(&self, d: usize, off: u64, len: u64) -> Result<Extent> {
+        let l = &self.layers[d];
+        l.driver().block_status(off, len).at(l.path())
+    }
+
+    /// Where `[off, end)` (unallocated in the top) lives above the base, as
+    /// sorted pieces covering the range. Each layer, from the top's backing
+    /// down, is asked only about what the layers above it left
+    /// unallocated, so a deep chain costs one walk per layer, not one
+    /// descent per piece.
     fn sources(&self, off: u64, end: u64) -> Result<Vec<Piece>> {
-        let below_size = self.layers[1].virtual_size();
+        let above_base = self.base.unwrap_or(self.layers.len());
         let mut pieces = Vec::new();
-        let mut p = off;
-        while p < end {
-            if p >= below_size {
-                // Past the end of the top's backing: reads zeros now.
-                self.past_end_pieces(p, end, &mut pieces)?;
+        let mut todo = vec![(off, end)];
+        for d in 1..above_base {
+            let size = self.sizes[d];
+            let mut next: Vec<(u64, u64)> = Vec::new();
+            for (s, e) in todo {
+                if e > size {
+                    // Past the end of a shorter layer: reads zeros now.
+                    self.past_end_pieces(s.max(size), e, &mut pieces)?;
+                }
+                let e = e.min(size);
+                let mut p = s;
+                while p < e {
+                    let ext = self.layer_status(d, p, e - p)?;
+                    let src = match ext.status {
+                        Status::Data { host } => Src::Data { depth: d, host },
+                        Status::Compressed => Src::Compressed { depth: d },
+                        Status::Zero { .. } => Src::Zero,
+                        Status::Unallocated { .. } => {
+                            match next.last_mut() {
+                                Some(r) if r.1 == p => r.1 = ext.end(),
+                                _ => next.push((p, ext.end())),
+                            }
+                            p = ext.end();
+                            continue;
+                        }
+                    };
+                    pieces.push(Piece {
+                        off: p,
+                        len: ext.len,
+                        src,
+                    });
+                    p = ext.end();
+                }
+            }
+            todo = next;
+            if todo.is_empty() {
                 break;
             }
-            let cx = self
-                .chain
-                .block_status(p, end.min(below_size) - p, 1, self.base)?;
-            let src = match cx.status {
-                Status::Data { host } => Src::Data {
-                    depth: cx.depth,
-                    host,
-                },
-                Status::Compressed => Src::Compressed { depth: cx.depth },
-                Status::Zero { .. } => Src::Zero,
-                Status::Unallocated { .. } if cx.past_end => {
-                    self.past_end_pieces(p, p + cx.len, &mut pieces)?;
-                    p += cx.len;
+        }
+        pieces.extend(todo.into_iter().map(|(s, e)| Piece {
+            off: s,
+            len: e - s,
+            src: Src::Base,
+        }));
+        pieces.sort_unstable_by_key(|p| p.off);
+        // Merge neighbours that continue each other (host-contiguous data
+        // of one layer, or the same kind).
+        let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            if let Some(l) = merged.last_mut() {
+                let continues = match (l.src, p.src) {
+                    (Src::Data { depth: a, host: h }, Src::Data { depth: b, host: k }) => {
+                        a == b && h + l.len == k
+                    }
+                    (a, b) => a == b,
+                };
+                if continues && l.end() == p.off {
+                    l.len += p.len;
                     continue;
                 }
-                Status::Unallocated { .. } => Src::Base,
-            };
-            pieces.push(Piece {
-                off: p,
-                len: cx.len,
-                src,
-            });
-            p += cx.len;
+            }
+            merged.push(p);
         }
-        Ok(pieces)
+        Ok(merged)
     }
 
     /// Pieces for `[off, end)`, which lies past the end of a shorter
@@ -580,74 +698,137 @@ impl StreamJob {
         }
     }
 
-    /// Copy `[off, off + len)` of a task: lock it in the top, and fill
-    /// whatever is (still) unallocated there.
+    /// Copy `[off, off + len)` of a task: lock it in the top, plan what is
+    /// (still) unallocated there, make the zero runs, then copy the data
+    /// runs (at full speed all at once, under a speed limit run by run).
     fn do_task(&self, ctx: &JobContext<'_>, task: &Task) -> TaskResult {
-        let top = self.top();
         let end = task.off + task.len;
-        let _guard = top.range_locks().lock(task.off, end);
+        let _guard = self.top().range_locks().lock(task.off, end);
+        let mut writes: Vec<(u64, u64)> = Vec::new();
         let mut p = task.off;
         while p < end {
-            let ext = top.block_status(p, end - p).map_err(read_err)?;
+            let ext = self.layer_status(0, p, end - p).map_err(read_err)?;
             if !ext.status.is_allocated() {
-                self.fill(ctx, &task.pieces, p, ext.end())?;
+                for (a, b, act) in self.plan(&task.pieces, p, ext.end()).map_err(read_err)? {
+                    match act {
+                        Action::Leave => {}
+                        Action::Write => writes.push((a, b)),
+                        Action::Zero => self.zero(&task.pieces, a, b, &mut writes)?,
+                    }
+                }
             }
             p = ext.end();
+        }
+        if ctx.speed() == 0 {
+            self.copy_runs(&task.pieces, &writes)
+        } else {
+            writes
+                .iter()
+                .try_for_each(|&(a, b)| self.write_range(ctx, &task.pieces, a, b))
+        }
+    }
+
+    /// The granules of `[a, b)` (unallocated in the top) as runs of one
+    /// action each. A piece covering whole granules decides them at once;
+    /// a granule shared by several pieces is classified on its own.
+    fn plan(&self, pieces: &[Piece], a: u64, b: u64) -> Result<Vec<(u64, u64, Action)>> {
+        let g = self.granule;
+        let mut runs: Vec<(u64, u64, Action)> = Vec::new();
+        let mut s = a;
+        while s < b {
+            let i = pieces.partition_point(|p| p.end() <= s);
+            let whole = pieces.get(i).and_then(|p| {
+                let e = if p.end() >= b {
+                    b
+                } else {
+                    align_down(p.end(), g)
+                };
+                (p.off <= s && e > s).then_some((e, p.src))
+            });
+            let (e, act) = match whole {
+                Some((e, Src::Data { .. } | Src::Compressed { .. })) => (e, Action::Write),
+                Some((e, Src::Zero)) => (e, Action::Zero),
+                Some((e, Src::Base)) => (e, Action::Leave),
+                None => {
+                    let e = (align_down(s, g) + g).min(b);
+                    (e, self.classify(pieces, s, e)?)
+                }
+            };
+            match runs.last_mut() {
+                Some(r) if r.2 == act && r.1 == s => r.1 = e,
+                _ => runs.push((s, e, act)),
+            }
+            s = e;
+        }
+        Ok(runs)
+    }
+
+    /// Make `[a, b)` read as zeros in the top: zero clusters, or where the
+    /// format cannot say "zero" (qcow2 v2 over a backing file), data runs
+    /// (added to `writes`) only where the base would otherwise show
+    /// through.
+    fn zero(&self, pieces: &[Piece], a: u64, b: u64, writes: &mut Vec<(u64, u64)>) -> TaskResult {
+        let top = self.top();
+        let done = top
+            .driver()
+            .zero_range(a, b - a)
+            .at(top.path())
+            .map_err(write_err)?;
+        if done {
+            self.stats.zeroed.fetch_add(b - a, Ordering::Relaxed);
+            return Ok(());
+        }
+        let g = self.granule;
+        let mut x = a;
+        let mut run: Option<u64> = None;
+        while x < b {
+            let y = (align_down(x, g) + g).min(b);
+            if self.zero_needs_mask(pieces, x, y).map_err(read_err)? {
+                run.get_or_insert(x);
+            } else if let Some(start) = run.take() {
+                writes.push((start, x));
+            }
+            x = y;
+        }
+        if let Some(start) = run {
+            writes.push((start, b));
         }
         Ok(())
     }
 
-    /// Fill `[a, b)`, unallocated in the top and locked, from `pieces`.
-    fn fill(&self, ctx: &JobContext<'_>, pieces: &[Piece], a: u64, b: u64) -> TaskResult {
-        let g = self.top().driver().granularity().max(1);
-        // Granule actions, merged into runs.
-        let mut runs: Vec<(u64, u64, Action)> = Vec::new();
-        let mut ga = align_down(a, g);
-        while ga < b {
-            let gb = (ga + g).min(b);
-            let act = self.classify(pieces, ga.max(a), gb).map_err(read_err)?;
-            match runs.last_mut() {
-                Some(r) if r.2 == act && r.1 == ga.max(a) => r.1 = gb,
-                _ => runs.push((ga.max(a), gb, act)),
-            }
-            ga += g;
+    /// Allocate the data runs `writes` in the top, fill them and link them
+    /// in with one commit. Data pieces are copied file to file
+    /// ([`uring::copy`]: spliced in the kernel where it can); the rest of a
+    /// run (zeros and the base's view in part of a granule, compressed
+    /// clusters) goes through a buffer.
+    fn copy_runs(&self, pieces: &[Piece], writes: &[(u64, u64)]) -> TaskResult {
+        if writes.is_empty() {
+            return Ok(());
         }
-        for (ra, rb, act) in runs {
-            match act {
-                Action::Leave => {}
-                Action::Write => self.write_range(ctx, pieces, ra, rb)?,
-                Action::Zero => {
-                    let top = self.top();
-                    let done = top
-                        .driver()
-                        .zero_range(ra, rb - ra)
-                        .at(top.path())
-                        .map_err(write_err)?;
-                    if done {
-                        self.stats.zeroed.fetch_add(rb - ra, Ordering::Relaxed);
-                    }
-                    if !done {
-                        // qcow2 v2 over a backing file: zeros as data, only
-                        // where the base would otherwise show through.
-                        let mut x = ra;
-                        let mut run: Option<u64> = None;
-                        while x < rb {
-                            let y = (align_down(x, g) + g).min(rb);
-                            if self.zero_needs_mask(pieces, x, y).map_err(read_err)? {
-                                run.get_or_insert(x);
-                            } else if let Some(start) = run.take() {
-                                self.write_range(ctx, pieces, start, x)?;
-                            }
-                            x = y;
-                        }
-                        if let Some(start) = run {
-                            self.write_range(ctx, pieces, start, rb)?;
-                        }
-                    }
-                }
-            }
+        let top = self.top();
+        let mut runs = Vec::new();
+        for &(a, b) in writes {
+            let r = top.driver().prepare_write(a, b - a);
+            runs.extend(r.at(top.path()).map_err(write_err)?);
         }
-        Ok(())
+        let plan = CopyPlan::new(&self.layers, pieces, &runs);
+        uring::copy(top.storage(), &plan.copies).map_err(|e| match e {
+            CopyError::Read(e) => read_err(Error::io("reading data from the backing chain", e)),
+            CopyError::Write(e) => write_err(Error::io("writing data", e).with_path(top.path())),
+        })?;
+        for &(a, b, host) in &plan.buffered {
+            let mut buf = vec![0u8; (b - a) as usize];
+            self.read_sources(pieces, a, b, &mut buf)?;
+            top.storage()
+                .write_at(&buf, host)
+                .map_err(|e| write_err(Error::io("writing data", e).with_path(top.path())))?;
+        }
+        let total: u64 = writes.iter().map(|(a, b)| b - a).sum();
+        self.stats.copied.fetch_add(total, Ordering::Relaxed);
+        top.driver()
+            .commit_write(&runs)
+            .at(top.path())
+            .map_err(write_err)
     }
 
     /// Read the guest content of `[a, b)` from its sources into `buf`:
@@ -763,6 +944,28 @@ impl StreamJob {
             .map_err(|err| write_err(Error::io("writing data", err).with_path(top.path())))
     }
 
+    /// With `IMGPULL_LOG` set, one line on stderr: what the run copied,
+    /// and how much of the data went through io_uring (the process-wide
+    /// counters since the run started).
+    fn log_summary(&self, (t0, before): (Instant, uring::IoCounters)) {
+        if !std::env::var_os(uring::ENV_LOG).is_some_and(|v| !v.is_empty() && v != "0") {
+            return;
+        }
+        let d = uring::io_counters().since(&before);
+        eprintln!(
+            "imgpull: stream: copied {} bytes, zeroed {} bytes in {:.3} s; data bytes through \
+             io_uring {:.1}% (read {}, written {}, spliced {}; pread/pwrite {})",
+            self.stats.copied(),
+            self.stats.zeroed(),
+            t0.elapsed().as_secs_f64(),
+            d.uring_fraction() * 100.0,
+            d.uring_read,
+            d.uring_written,
+            d.uring_spliced,
+            d.pread_bytes(),
+        );
+    }
+
     /// The dispatcher: walk the top, skip what needs nothing, hand the
     /// rest to the workers, obey pause and cancel, apply the error policy.
     fn dispatch(
@@ -771,9 +974,8 @@ impl StreamJob {
         tasks: &Sender<Task>,
         done: &Receiver<(Task, TaskResult)>,
     ) -> std::result::Result<(), RunError> {
-        let top = self.top();
-        let size = top.virtual_size();
-        let g = top.driver().granularity().max(1);
+        let size = self.sizes[0];
+        let g = self.granule;
         let mut offset = 0u64;
         // The mapped window `[offset, win_end)`: unallocated in the top
         // when mapped, with its sources.
@@ -783,7 +985,7 @@ impl StreamJob {
         let mut failed: Option<String> = None;
         // Map the range from `at`.
         let map_at = |at: u64| -> Mapped {
-            let ext = top.block_status(at, size - at)?;
+            let ext = self.layer_status(0, at, size - at)?;
             if ext.status.is_allocated() {
                 return Ok(Err(ext.len));
             }
@@ -1005,7 +1207,8 @@ impl JobDriver for StreamJob {
         let (task_tx, task_rx) = channel::<Task>();
         let (done_tx, done_rx) = channel::<(Task, TaskResult)>();
         let task_rx = Mutex::new(task_rx);
-        std::thread::scope(|s| {
+        let started = (Instant::now(), uring::io_counters());
+        let r = std::thread::scope(|s| {
             for _ in 0..self.workers {
                 let done_tx = done_tx.clone();
                 let task_rx = &task_rx;
@@ -1024,7 +1227,9 @@ impl JobDriver for StreamJob {
             let r = self.dispatch(ctx, &task_tx, &done_rx);
             drop(task_tx);
             r
-        })
+        });
+        self.log_summary(started);
+        r
     }
 
     fn prepare(&self) -> std::result::Result<(), String> {

@@ -38,6 +38,9 @@ pub(crate) static PREAD_READ: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PREAD_WRITTEN: AtomicU64 = AtomicU64::new(0);
 /// The part of the io_uring bytes that moved through registered buffers.
 pub(crate) static URING_FIXED: AtomicU64 = AtomicU64::new(0);
+/// The part of the io_uring bytes that moved by splicing (counted once, as
+/// written: the read half of a splice references pages instead of copying).
+pub(crate) static URING_SPLICED: AtomicU64 = AtomicU64::new(0);
 
 /// Direction of an [`Op`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,16 +333,13 @@ fn new_ring() -> io::Result<IoUring> {
     }
 }
 
-/// Run a batch through the calling thread's ring, creating it on first
-/// use; without a ring (creation failed, or the thread is exiting) through
-/// blocking system calls.
-pub(crate) fn run(ops: &mut [Op]) -> io::Result<()> {
-    if ops.iter().all(|o| o.finished) {
-        return first_error(ops);
-    }
-    let ran = RING.try_with(|slot| {
+/// Call `f` with the calling thread's ring, creating it on first use;
+/// `None` where the thread has no ring (creation failed, the thread is
+/// exiting, or the ring is already borrowed further up the stack).
+fn with_thread_ring<R>(f: impl FnOnce(&mut Ring) -> R) -> Option<R> {
+    RING.try_with(|slot| {
         let Ok(mut slot) = slot.try_borrow_mut() else {
-            return false;
+            return None;
         };
         if let Slot::Uninit = *slot {
             *slot = match new_ring() {
@@ -356,14 +356,28 @@ pub(crate) fn run(ops: &mut [Op]) -> io::Result<()> {
             };
         }
         match &mut *slot {
-            Slot::Ready(ring) => {
-                run_ring(ring, ops);
-                true
-            }
-            _ => false,
+            Slot::Ready(ring) => Some(f(ring)),
+            _ => None,
         }
-    });
-    if ran != Ok(true) {
+    })
+    .ok()
+    .flatten()
+}
+
+/// Call `f` with the calling thread's io_uring (see [`run`] for when there
+/// is none). `f` must leave no request in flight when it returns.
+pub(crate) fn with_ring<R>(f: impl FnOnce(&mut IoUring) -> R) -> Option<R> {
+    with_thread_ring(|r| f(&mut r.ring))
+}
+
+/// Run a batch through the calling thread's ring, creating it on first
+/// use; without a ring (creation failed, or the thread is exiting) through
+/// blocking system calls.
+pub(crate) fn run(ops: &mut [Op]) -> io::Result<()> {
+    if ops.iter().all(|o| o.finished) {
+        return first_error(ops);
+    }
+    if with_thread_ring(|ring| run_ring(ring, ops)).is_none() {
         return run_sync(ops);
     }
     first_error(ops)
@@ -371,14 +385,14 @@ pub(crate) fn run(ops: &mut [Op]) -> io::Result<()> {
 
 /// Waits for every request still in flight when dropped, so that no early
 /// return (or unwinding) frees a buffer the kernel still writes to.
-struct InFlight<'r> {
-    ring: &'r mut IoUring,
-    count: usize,
+pub(crate) struct InFlight<'r> {
+    pub ring: &'r mut IoUring,
+    pub count: usize,
 }
 
 impl InFlight<'_> {
     /// Submit what is queued and wait for at least one completion.
-    fn wait(&mut self) {
+    pub fn wait(&mut self) {
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => return,

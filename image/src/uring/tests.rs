@@ -568,3 +568,99 @@ fn deny_io_uring_setup() {
         );
     }
 }
+
+#[test]
+fn copy_splices_between_uring_files_and_falls_back_elsewhere() {
+    const LEN: usize = 3 << 20;
+    let contents = [pattern(40, LEN), pattern(41, LEN)];
+    for (shm, (dst_name, make_dst)) in dirs()
+        .into_iter()
+        .flat_map(|d| BACKENDS.iter().map(move |b| (d.clone(), b)))
+    {
+        for (src_name, make_src) in BACKENDS {
+            let what = format!("{src_name} -> {dst_name} in {}", shm.display());
+            let srcs: Vec<(tempfile::TempPath, Box<dyn Storage>)> = (0..2)
+                .map(|i| {
+                    let (p, f) = temp_in(&shm);
+                    std::fs::write(&p, &contents[i as usize]).unwrap();
+                    (p, make_src(f))
+                })
+                .collect();
+            let (dst_path, f) = temp_in(&shm);
+            let dst = make_dst(f);
+            // (source, offset, len) lists per request, with destinations
+            // packed one after another from 4096.
+            let mut plan: Vec<Vec<(usize, u64, u64)>> = Vec::new();
+            // Many small unaligned pieces alternating between the files:
+            // more than a chain holds.
+            plan.push(
+                (0..200u64)
+                    .map(|k| ((k % 2) as usize, 1000 + k * 7919 % 2_000_000, 100 + k * 13))
+                    .collect(),
+            );
+            // Large page-aligned ranges, more than one pipe.
+            plan.push(vec![(0, 0, 2 << 20), (1, 4096, (1 << 20) + 4096)]);
+            // A range running past the end of its source, then more data.
+            plan.push(vec![(1, LEN as u64 - 5000, 20_000), (0, 77, 5000)]);
+            // Wholly past the end.
+            plan.push(vec![(0, 10 * LEN as u64, 8192)]);
+            let mut reqs = Vec::new();
+            let mut expect = vec![0u8; 4096];
+            let mut at = 4096u64;
+            for segs in &plan {
+                let mut r = CopyReq {
+                    dst_offset: at,
+                    srcs: Vec::new(),
+                };
+                for &(i, off, len) in segs {
+                    r.srcs.push(CopySrc {
+                        storage: &*srcs[i].1,
+                        offset: off,
+                        len,
+                    });
+                    let w = &contents[i];
+                    for b in off..off + len {
+                        expect.push(w.get(b as usize).copied().unwrap_or(0));
+                    }
+                    at += len;
+                }
+                reqs.push(r);
+            }
+            let before = io_counters();
+            copy(&*dst, &reqs).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let d = io_counters().since(&before);
+            let got = std::fs::read(&dst_path).unwrap();
+            assert_eq!(got.len(), expect.len(), "{what}: length");
+            assert!(got[4096..] == expect[4096..], "{what}: content");
+            if *src_name == "uring" && *dst_name == "uring" {
+                // Everything but the ranges that ran off a source's end.
+                assert!(d.uring_spliced >= (3 << 20), "{what}: {d:?}");
+            }
+            let plain = |n: &str| n == "pread" || n == "sync";
+            if plain(dst_name) || plain(src_name) {
+                assert_eq!(d.uring_spliced, 0, "{what}: {d:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn copy_reports_which_side_failed() {
+    let (p, f) = temp_in(&dirs().pop().unwrap());
+    std::fs::write(&p, pattern(1, 10_000)).unwrap();
+    let src = UringFile::new(f).unwrap();
+    let ro = File::open(&p).unwrap();
+    let dst = UringFile::new(ro).unwrap();
+    let reqs = [CopyReq {
+        dst_offset: 0,
+        srcs: vec![CopySrc {
+            storage: &src,
+            offset: 0,
+            len: 8192,
+        }],
+    }];
+    match copy(&dst, &reqs) {
+        Err(CopyError::Write(e)) => assert_eq!(e.raw_os_error(), Some(libc::EBADF)),
+        other => panic!("expected a write error, got {other:?}"),
+    }
+}
