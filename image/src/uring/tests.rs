@@ -590,20 +590,19 @@ fn copy_splices_between_uring_files_and_falls_back_elsewhere() {
             let dst = make_dst(f);
             // (source, offset, len) lists per request, with destinations
             // packed one after another from 4096.
-            let mut plan: Vec<Vec<(usize, u64, u64)>> = Vec::new();
-            // Many small unaligned pieces alternating between the files:
-            // more than a chain holds.
-            plan.push(
+            let plan: Vec<Vec<(usize, u64, u64)>> = vec![
+                // Many small unaligned pieces alternating between the
+                // files: more than a chain holds.
                 (0..200u64)
                     .map(|k| ((k % 2) as usize, 1000 + k * 7919 % 2_000_000, 100 + k * 13))
                     .collect(),
-            );
-            // Large page-aligned ranges, more than one pipe.
-            plan.push(vec![(0, 0, 2 << 20), (1, 4096, (1 << 20) + 4096)]);
-            // A range running past the end of its source, then more data.
-            plan.push(vec![(1, LEN as u64 - 5000, 20_000), (0, 77, 5000)]);
-            // Wholly past the end.
-            plan.push(vec![(0, 10 * LEN as u64, 8192)]);
+                // Large page-aligned ranges, more than one pipe.
+                vec![(0, 0, 2 << 20), (1, 4096, (1 << 20) + 4096)],
+                // A range running past the end of its source, then more.
+                vec![(1, LEN as u64 - 5000, 20_000), (0, 77, 5000)],
+                // Wholly past the end.
+                vec![(0, 10 * LEN as u64, 8192)],
+            ];
             let mut reqs = Vec::new();
             let mut expect = vec![0u8; 4096];
             let mut at = 4096u64;
