@@ -51,6 +51,19 @@ pub trait Storage: Send + Sync + Debug {
     /// Write all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
+    /// Read format metadata (tables, headers): [`Storage::read_at`], except
+    /// where a backend has a cheaper path for one small synchronous
+    /// request than for data (the io_uring backend uses `pread`).
+    fn read_meta(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
+
+    /// Write format metadata: [`Storage::write_at`], or a backend's cheaper
+    /// path for one small synchronous request (see [`Storage::read_meta`]).
+    fn write_meta(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
+
     /// Run a batch of requests. Returns when all have completed; on error
     /// some of them may have completed.
     fn submit(&self, reqs: &mut [IoReq<'_>]) -> io::Result<()> {

@@ -54,7 +54,7 @@ impl Qcow2 {
         if !m.tables.contains(off) {
             let mut buf = vec![0u8; self.geo.cs() as usize];
             self.storage
-                .read_at(&mut buf, off)
+                .read_meta(&mut buf, off)
                 .map_err(io("reading an L2 table"))?;
             m.tables.insert(off, l2::words_from_be(&buf));
         }

@@ -218,7 +218,7 @@ impl Refcounts {
             }
             let mut buf = vec![0u8; self.cs() as usize];
             storage
-                .read_at(&mut buf, off)
+                .read_meta(&mut buf, off)
                 .map_err(io("reading a refcount block"))?;
             self.blocks.insert(off, buf);
         }
@@ -335,7 +335,7 @@ impl Refcounts {
             let (bs, be) = entry_bytes(cur & (e - 1), (stop - 1) & (e - 1), order);
             let bytes = block[bs..be].to_vec();
             storage
-                .write_at(&bytes, off + bs as u64)
+                .write_meta(&bytes, off + bs as u64)
                 .map_err(io("writing a refcount block"))?;
             self.generation += 1;
             cur = stop;
@@ -373,12 +373,12 @@ impl Refcounts {
         set_entry(&mut block, 0, self.order, 1);
         let off = c << self.cluster_bits;
         storage
-            .write_at(&block, off)
+            .write_meta(&block, off)
             .map_err(io("writing a new refcount block"))?;
         storage.flush().map_err(io("flushing"))?;
         self.table[idx as usize] = off;
         storage
-            .write_at(&off.to_be_bytes(), self.table_offset + idx * 8)
+            .write_meta(&off.to_be_bytes(), self.table_offset + idx * 8)
             .map_err(io("writing the refcount table"))?;
         self.generation += 1;
         self.blocks.insert(off, block);

@@ -362,7 +362,7 @@ impl Qcow2 {
                     let (lo, hi) = set(t);
                     let bytes = l2::words_to_be(&t[lo..hi]);
                     self.storage
-                        .write_at(&bytes, off + lo as u64 * 8)
+                        .write_meta(&bytes, off + lo as u64 * 8)
                         .map_err(io("writing an L2 table"))?;
                 }
                 None if !allocate => {}
@@ -371,13 +371,13 @@ impl Qcow2 {
                     let mut t = vec![0u64; (g.cs() / 8) as usize];
                     set(&mut t);
                     self.storage
-                        .write_at(&l2::words_to_be(&t), off)
+                        .write_meta(&l2::words_to_be(&t), off)
                         .map_err(io("writing a new L2 table"))?;
                     self.sync_refcounts_with_flush()?;
                     m.tables.insert(off, t);
                     let entry = off | COPIED;
                     self.storage
-                        .write_at(&entry.to_be_bytes(), g.l1_offset + l1i * 8)
+                        .write_meta(&entry.to_be_bytes(), g.l1_offset + l1i * 8)
                         .map_err(io("writing the L1 table"))?;
                     m.l1[l1i as usize] = entry;
                 }

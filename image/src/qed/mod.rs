@@ -478,7 +478,7 @@ impl Qed {
                 }
             }
             self.storage
-                .write_at(&table::encode_entries(&entries), at)
+                .write_meta(&table::encode_entries(&entries), at)
                 .map_err(|e| Error::io("writing new QED L2 table", e))?;
             touched.push((slice_no, entries));
         }
@@ -486,7 +486,7 @@ impl Qed {
             self.write_zeros(z, l2 + geo.table_bytes - z)?;
         }
         self.storage
-            .write_at(&l2.to_le_bytes(), self.l1_offset + l1_index * 8)
+            .write_meta(&l2.to_le_bytes(), self.l1_offset + l1_index * 8)
             .map_err(|e| Error::io("writing QED L1 table", e))?;
         tables.l1[l1_index as usize] = l2;
         for (slice_no, entries) in touched {
@@ -526,7 +526,7 @@ impl Qed {
                 ));
                 pos = send;
             }
-            if let Err(e) = self.storage.write_at(&buf, l2 + lo * 8) {
+            if let Err(e) = self.storage.write_meta(&buf, l2 + lo * 8) {
                 tables.cache.forget_table(l2);
                 return Err(Error::io("writing QED L2 table", e));
             }

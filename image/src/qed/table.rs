@@ -42,7 +42,7 @@ pub(crate) fn read_entries(storage: &dyn Storage, at: u64, n: u64) -> Result<Vec
         .map_err(|_| Error::invalid(format!("table of {n} entries is too large")))?;
     let mut buf = vec![0u8; len];
     storage
-        .read_at(&mut buf, at)
+        .read_meta(&mut buf, at)
         .map_err(|e| Error::io(format!("reading QED table at 0x{at:x}"), e))?;
     Ok(decode_entries(&buf))
 }

@@ -36,6 +36,9 @@ pub(crate) static URING_WRITTEN: AtomicU64 = AtomicU64::new(0);
 /// Data bytes moved through `pread`/`pwrite` by the storages of this module.
 pub(crate) static PREAD_READ: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PREAD_WRITTEN: AtomicU64 = AtomicU64::new(0);
+/// Metadata bytes moved with `pread`/`pwrite` ([`run_meta`]).
+pub(crate) static META_READ: AtomicU64 = AtomicU64::new(0);
+pub(crate) static META_WRITTEN: AtomicU64 = AtomicU64::new(0);
 /// The part of the io_uring bytes that moved through registered buffers.
 pub(crate) static URING_FIXED: AtomicU64 = AtomicU64::new(0);
 /// The part of the io_uring bytes that moved by splicing (counted once, as
@@ -253,7 +256,12 @@ fn file_size(fd: RawFd) -> io::Result<u64> {
 
 /// Finish `op` with blocking `pread`/`pwrite` calls.
 fn run_blocking(op: &mut Op) {
-    let counters = [&PREAD_READ, &PREAD_WRITTEN];
+    run_blocking_counted(op, [&PREAD_READ, &PREAD_WRITTEN])
+}
+
+/// Finish `op` with blocking `pread`/`pwrite` calls, counting its bytes
+/// in `counters` (read, written).
+fn run_blocking_counted(op: &mut Op, counters: [&AtomicU64; 2]) {
     while !op.finished {
         let n = op.chunk();
         // SAFETY: the pointer range is inside the caller's live buffer.
@@ -294,6 +302,17 @@ fn first_error(ops: &mut [Op]) -> io::Result<()> {
 pub(crate) fn run_sync(ops: &mut [Op]) -> io::Result<()> {
     for op in ops.iter_mut() {
         run_blocking(op);
+        if op.err.is_some() {
+            break;
+        }
+    }
+    first_error(ops)
+}
+
+/// Run metadata requests with blocking calls, counted as metadata.
+pub(crate) fn run_meta(ops: &mut [Op]) -> io::Result<()> {
+    for op in ops.iter_mut() {
+        run_blocking_counted(op, [&META_READ, &META_WRITTEN]);
         if op.err.is_some() {
             break;
         }
