@@ -412,8 +412,16 @@ pub(crate) struct InFlight<'r> {
 impl InFlight<'_> {
     /// Submit what is queued and wait for at least one completion.
     pub fn wait(&mut self) {
+        self.wait_for(1)
+    }
+
+    /// Submit what is queued and wait until `want` completions (at most
+    /// the number in flight, at least one) are ready, or the wait is
+    /// interrupted: the caller is woken once for them, not once each.
+    pub fn wait_for(&mut self, want: usize) {
+        let want = want.clamp(1, self.count.max(1));
         loop {
-            match self.ring.submit_and_wait(1) {
+            match self.ring.submit_and_wait(want) {
                 Ok(_) => return,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {

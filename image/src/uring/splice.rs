@@ -336,7 +336,15 @@ fn run_chains(
         if flight.count == 0 {
             break;
         }
-        flight.wait();
+        // Sleep until the chain nearest to completion can have finished
+        // (one wake-up per chain, not one per request).
+        let want = state[..next]
+            .iter()
+            .filter(|f| f.waiting > 0)
+            .map(|f| f.waiting)
+            .min()
+            .unwrap_or(1);
+        flight.wait_for(want);
         for cqe in flight.ring.completion() {
             flight.count -= 1;
             let ci = (cqe.user_data() >> 16) as usize;
