@@ -196,6 +196,19 @@ pub trait Driver: Send + Sync + Debug {
     /// The caller writes every byte of every fresh run before committing.
     fn prepare_write(&self, offset: u64, len: u64) -> Result<Vec<HostRun>>;
 
+    /// [`Driver::prepare_write`] for several disjoint aligned ranges at
+    /// once, in the order given: the runs of all of them, committed
+    /// together or separately. Drivers that can allocate the new space of
+    /// all the ranges in one step (one metadata update, contiguous host
+    /// space for data copied together) override it.
+    fn prepare_write_many(&self, ranges: &[(u64, u64)]) -> Result<Vec<HostRun>> {
+        let mut runs = Vec::new();
+        for &(offset, len) in ranges {
+            runs.extend(self.prepare_write(offset, len)?);
+        }
+        Ok(runs)
+    }
+
     /// Link fresh runs returned by [`Driver::prepare_write`] into the
     /// mapping, once their data is written. Allocation metadata is made
     /// durable before the mapping that uses it.

@@ -796,8 +796,9 @@ impl StreamJob {
         Ok(())
     }
 
-    /// Allocate the data runs `writes` in the top, fill them and link them
-    /// in with one commit. Data pieces are copied file to file
+    /// Allocate the data runs `writes` in the top (in one step, so their
+    /// host space is contiguous), fill them and link them in with one
+    /// commit. Data pieces are copied file to file
     /// ([`uring::copy`]: spliced in the kernel where it can); the rest of a
     /// run (zeros and the base's view in part of a granule, compressed
     /// clusters) goes through a buffer.
@@ -806,11 +807,12 @@ impl StreamJob {
             return Ok(());
         }
         let top = self.top();
-        let mut runs = Vec::new();
-        for &(a, b) in writes {
-            let r = top.driver().prepare_write(a, b - a);
-            runs.extend(r.at(top.path()).map_err(write_err)?);
-        }
+        let ranges: Vec<(u64, u64)> = writes.iter().map(|&(a, b)| (a, b - a)).collect();
+        let runs = top
+            .driver()
+            .prepare_write_many(&ranges)
+            .at(top.path())
+            .map_err(write_err)?;
         let plan = CopyPlan::new(&self.layers, pieces, &runs);
         uring::copy(top.storage(), &plan.copies).map_err(|e| match e {
             CopyError::Read(e) => read_err(Error::io("reading data from the backing chain", e)),

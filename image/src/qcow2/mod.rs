@@ -510,6 +510,10 @@ impl Driver for Qcow2 {
         self.prepare(offset, len)
     }
 
+    fn prepare_write_many(&self, ranges: &[(u64, u64)]) -> Result<Vec<HostRun>> {
+        self.prepare_many(ranges)
+    }
+
     fn commit_write(&self, runs: &[HostRun]) -> Result<()> {
         self.commit(runs)
     }

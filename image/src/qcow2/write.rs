@@ -63,17 +63,15 @@ impl Qcow2 {
 
     /// [`crate::Driver::prepare_write`].
     pub(super) fn prepare(&self, offset: u64, len: u64) -> Result<Vec<HostRun>> {
-        self.require_writable()?;
-        self.check_aligned(offset, len, "write")?;
+        self.prepare_many(&[(offset, len)])
+    }
+
+    /// How `prepare` maps each guest cluster of `[offset, offset + len)`
+    /// (new clusters still without a host offset), with the L2 entries.
+    fn plan_range(&self, offset: u64, len: u64) -> Result<(Vec<(u64, u64)>, Vec<Plan>)> {
         let g = self.geo;
-        let cs = g.cs();
-        let end = offset + len;
         let first = offset >> g.cluster_bits;
-        let last = (end - 1) >> g.cluster_bits;
-        // Prepares are serialised (lock order: pending, map, alloc), so that
-        // writers into different subclusters of one cluster agree on its
-        // host cluster.
-        let mut pend = lock(&self.pending);
+        let last = (offset + len - 1) >> g.cluster_bits;
         let entries = self.read_entries(first, last - first + 1)?;
         let mut plans = Vec::with_capacity(entries.len());
         for (k, &(e, _)) in entries.iter().enumerate() {
@@ -95,11 +93,55 @@ impl Qcow2 {
             };
             plans.push(plan);
         }
-        if plans.iter().any(|p| matches!(p, Plan::New(_))) {
-            let mut k = 0;
-            while k < plans.len() {
+        Ok((entries, plans))
+    }
+
+    /// [`crate::Driver::prepare_write_many`]: the new clusters of all the
+    /// ranges come from one allocation, handed out in the order of the
+    /// ranges (one refcount update; host space contiguous across ranges).
+    pub(super) fn prepare_many(&self, ranges: &[(u64, u64)]) -> Result<Vec<HostRun>> {
+        self.require_writable()?;
+        for &(offset, len) in ranges {
+            self.check_aligned(offset, len, "write")?;
+        }
+        let g = self.geo;
+        let cs = g.cs();
+        // Prepares are serialised (lock order: pending, map, alloc), so that
+        // writers into different subclusters of one cluster agree on its
+        // host cluster.
+        let mut pend = lock(&self.pending);
+        let mut planned = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            planned.push(self.plan_range(offset, len)?);
+        }
+        // One new host cluster per new guest cluster, except that with
+        // subclusters a cluster already pending (or claimed by an earlier
+        // range of this call) is shared.
+        let mut claimed = std::collections::HashSet::new();
+        let mut need = 0u64;
+        for (&(offset, _), (_, plans)) in ranges.iter().zip(&planned) {
+            let first = offset >> g.cluster_bits;
+            for (k, p) in plans.iter().enumerate() {
+                let ci = first + k as u64;
+                let shared = g.extended && (pend.contains_key(&ci) || !claimed.insert(ci));
+                if matches!(p, Plan::New(_)) && !shared {
+                    need += 1;
+                }
+            }
+        }
+        let extents = if need > 0 {
+            self.alloc_clusters(need)?
+        } else {
+            Vec::new()
+        };
+        let mut hosts = extents
+            .iter()
+            .flat_map(|&(off, n)| (0..n).map(move |x| off + x * cs));
+        for (&(offset, len), (entries, plans)) in ranges.iter().zip(planned.iter_mut()) {
+            let first = offset >> g.cluster_bits;
+            let end = offset + len;
+            for k in 0..plans.len() {
                 if !matches!(plans[k], Plan::New(_)) {
-                    k += 1;
                     continue;
                 }
                 let ci = first + k as u64;
@@ -107,46 +149,32 @@ impl Qcow2 {
                     if let Some(p) = pend.get_mut(&ci) {
                         p.users += 1;
                         plans[k] = Plan::New(p.host);
-                        k += 1;
                         continue;
                     }
                 }
-                // A run of consecutive clusters needing new space.
-                let mut j = k;
-                while j < plans.len()
-                    && matches!(plans[j], Plan::New(_))
-                    && !(g.extended && pend.contains_key(&(first + j as u64)))
-                {
-                    j += 1;
-                }
-                let extents = self.alloc_clusters((j - k) as u64)?;
-                let hosts = extents
-                    .iter()
-                    .flat_map(|&(off, n)| (0..n).map(move |x| off + x * cs));
-                for (i, host) in (k..j).zip(hosts) {
-                    plans[i] = Plan::New(host);
-                    let ci = first + i as u64;
-                    let cstart = ci << g.cluster_bits;
-                    let (ps, pe) = (offset.max(cstart), end.min(cstart + cs));
-                    let mut extra = 0;
-                    let (e, _) = entries[i];
-                    if g.extended && e & COMPRESSED != 0 {
-                        let keep = !self.piece_mask(cstart, ps, pe) & ALL_ALLOC;
-                        if keep != 0 {
-                            self.fill_from_compressed(ci, e, host, keep)?;
-                            extra = keep;
-                        }
+                let host = hosts.next().ok_or_else(|| {
+                    Error::invalid("the allocator returned fewer clusters than asked for")
+                })?;
+                plans[k] = Plan::New(host);
+                let cstart = ci << g.cluster_bits;
+                let (ps, pe) = (offset.max(cstart), end.min(cstart + cs));
+                let mut extra = 0;
+                let (e, _) = entries[k];
+                if g.extended && e & COMPRESSED != 0 {
+                    let keep = !self.piece_mask(cstart, ps, pe) & ALL_ALLOC;
+                    if keep != 0 {
+                        self.fill_from_compressed(ci, e, host, keep)?;
+                        extra = keep;
                     }
-                    pend.insert(
-                        ci,
-                        Pending {
-                            host,
-                            users: 1,
-                            extra,
-                        },
-                    );
                 }
-                k = j;
+                pend.insert(
+                    ci,
+                    Pending {
+                        host,
+                        users: 1,
+                        extra,
+                    },
+                );
             }
         }
         drop(pend);
@@ -166,22 +194,26 @@ impl Qcow2 {
                 fresh,
             });
         };
-        for (k, plan) in plans.iter().enumerate() {
-            let ci = first + k as u64;
-            let cstart = ci << g.cluster_bits;
-            let (ps, pe) = (offset.max(cstart), end.min(cstart + cs));
-            match *plan {
-                Plan::InPlace(h) => add(ps, h + (ps - cstart), pe - ps, false),
-                Plan::Reuse(h) | Plan::New(h) => add(ps, h + (ps - cstart), pe - ps, true),
-                Plan::Sub(h) => {
-                    let (e, bm) = entries[k];
-                    let mut pos = ps;
-                    while pos < pe {
-                        let sc = ((pos - cstart) >> g.granule_bits) as u32;
-                        let send = (cstart + ((sc as u64 + 1) << g.granule_bits)).min(pe);
-                        let fresh = !matches!(l2::classify_sub(e, bm, sc)?, Kind::Normal(_));
-                        add(pos, h + (pos - cstart), send - pos, fresh);
-                        pos = send;
+        for (&(offset, len), (entries, plans)) in ranges.iter().zip(&planned) {
+            let first = offset >> g.cluster_bits;
+            let end = offset + len;
+            for (k, plan) in plans.iter().enumerate() {
+                let ci = first + k as u64;
+                let cstart = ci << g.cluster_bits;
+                let (ps, pe) = (offset.max(cstart), end.min(cstart + cs));
+                match *plan {
+                    Plan::InPlace(h) => add(ps, h + (ps - cstart), pe - ps, false),
+                    Plan::Reuse(h) | Plan::New(h) => add(ps, h + (ps - cstart), pe - ps, true),
+                    Plan::Sub(h) => {
+                        let (e, bm) = entries[k];
+                        let mut pos = ps;
+                        while pos < pe {
+                            let sc = ((pos - cstart) >> g.granule_bits) as u32;
+                            let send = (cstart + ((sc as u64 + 1) << g.granule_bits)).min(pe);
+                            let fresh = !matches!(l2::classify_sub(e, bm, sc)?, Kind::Normal(_));
+                            add(pos, h + (pos - cstart), send - pos, fresh);
+                            pos = send;
+                        }
                     }
                 }
             }

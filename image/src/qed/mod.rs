@@ -617,39 +617,54 @@ impl Driver for Qed {
     }
 
     fn prepare_write(&self, offset: u64, len: u64) -> Result<Vec<HostRun>> {
+        self.prepare_write_many(&[(offset, len)])
+    }
+
+    /// All fresh runs of the ranges get consecutive clusters from one
+    /// allocation, in the order of the ranges.
+    fn prepare_write_many(&self, ranges: &[(u64, u64)]) -> Result<Vec<HostRun>> {
         self.require_writable()?;
-        self.check_aligned(offset, len)?;
         let bits = self.geo.cluster_bits;
-        let end = offset + len;
-        let end_cluster = self.geo.clusters(end);
         let mut runs: Vec<HostRun> = Vec::new();
-        let mut cur = offset >> bits;
-        while cur < end_cluster {
-            let (kind, n) = self.scan(cur, end_cluster)?;
-            let g = cur << bits;
-            let gend = ((cur + n) << bits).min(end);
-            match (kind, runs.last_mut()) {
-                (Kind::Data(h), _) => runs.push(HostRun {
-                    guest: g,
-                    host: h,
-                    len: gend - g,
-                    fresh: false,
-                }),
-                (_, Some(r)) if r.fresh && r.guest + r.len == g => r.len += gend - g,
-                _ => runs.push(HostRun {
-                    guest: g,
-                    host: 0,
-                    len: gend - g,
-                    fresh: true,
-                }),
+        for &(offset, len) in ranges {
+            self.check_aligned(offset, len)?;
+            let end = offset + len;
+            let end_cluster = self.geo.clusters(end);
+            let mut cur = offset >> bits;
+            while cur < end_cluster {
+                let (kind, n) = self.scan(cur, end_cluster)?;
+                let g = cur << bits;
+                let gend = ((cur + n) << bits).min(end);
+                match (kind, runs.last_mut()) {
+                    (Kind::Data(h), _) => runs.push(HostRun {
+                        guest: g,
+                        host: h,
+                        len: gend - g,
+                        fresh: false,
+                    }),
+                    (_, Some(r)) if r.fresh && r.guest + r.len == g => r.len += gend - g,
+                    _ => runs.push(HostRun {
+                        guest: g,
+                        host: 0,
+                        len: gend - g,
+                        fresh: true,
+                    }),
+                }
+                cur += n;
             }
-            cur += n;
         }
-        if runs.iter().any(|r| r.fresh) {
+        let need: u64 = runs
+            .iter()
+            .filter(|r| r.fresh)
+            .map(|r| self.geo.clusters(r.len))
+            .sum();
+        if need > 0 {
             let mut meta = lock(&self.meta);
             self.ensure_need_check(&mut meta)?;
+            let mut host = self.alloc(need)?;
             for r in runs.iter_mut().filter(|r| r.fresh) {
-                r.host = self.alloc(self.geo.clusters(r.len))?;
+                r.host = host;
+                host += self.geo.clusters(r.len) << bits;
                 meta.pending.insert(r.host, (r.guest, r.len));
             }
         }
