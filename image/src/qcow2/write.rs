@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 /// One L2 entry to write: guest cluster index, entry, bitmap.
 type Update = (u64, u64, u64);
 
+/// The L2 entries `(entry, bitmap)` of a range's clusters and their plans.
+type RangePlan = (Vec<(u64, u64)>, Vec<Plan>);
+
 /// How `prepare` maps one guest cluster.
 #[derive(Clone, Copy, Debug)]
 enum Plan {
@@ -68,7 +71,7 @@ impl Qcow2 {
 
     /// How `prepare` maps each guest cluster of `[offset, offset + len)`
     /// (new clusters still without a host offset), with the L2 entries.
-    fn plan_range(&self, offset: u64, len: u64) -> Result<(Vec<(u64, u64)>, Vec<Plan>)> {
+    fn plan_range(&self, offset: u64, len: u64) -> Result<RangePlan> {
         let g = self.geo;
         let first = offset >> g.cluster_bits;
         let last = (offset + len - 1) >> g.cluster_bits;
