@@ -57,8 +57,10 @@ use crate::job::{JobContext, JobDriver, RunError, Throttle};
 use crate::ratelimit::piece_for;
 use crate::status::JobType;
 
-/// Largest range handed to one worker when there is no speed limit.
+/// Bytes to copy handed to one worker when there is no speed limit.
 pub const MAX_CHUNK: u64 = 4 << 20;
+/// How many times `max_chunk` of the guest a full-speed task may span.
+pub const TASK_SPAN: u64 = 8;
 /// Default number of worker threads.
 pub const DEFAULT_WORKERS: usize = 4;
 
@@ -77,7 +79,8 @@ pub struct StreamOptions {
     pub backing_file: Option<String>,
     /// Worker threads copying in parallel.
     pub workers: usize,
-    /// Largest range per worker request without a speed limit.
+    /// Bytes to copy per worker request without a speed limit (a request
+    /// spans at most [`TASK_SPAN`] times that of the guest).
     pub max_chunk: u64,
     /// How much of the image the dispatcher maps at once.
     pub window: u64,
@@ -256,8 +259,9 @@ impl<'a> CopyPlan<'a> {
     }
 }
 
-/// A mapped range of the top: `Ok(Err(len))` when the top holds its first
-/// `len` bytes, else the end of the window and where its bytes live.
+/// A mapped window of the top: `Ok(Err(len))` when the top holds all its
+/// `len` bytes, else the end of the window and where the bytes the top
+/// lacks live.
 type Mapped = Result<std::result::Result<(u64, Arc<Vec<Piece>>), u64>>;
 
 /// How much of the guest address space the dispatcher maps at once.
@@ -499,6 +503,32 @@ impl StreamJob {
         align_down(want, g).max(g)
     }
 
+    /// How far a full-speed task from `offset` reaches (granule-aligned,
+    /// within the window): until it holds about `max_chunk` bytes of data
+    /// to copy, or spans [`TASK_SPAN`] times that (mostly unallocated
+    /// chains, where the bytes to copy are sparse).
+    fn task_len(&self, pieces: &[Piece], offset: u64, win_end: u64) -> u64 {
+        let g = self.granule;
+        let chunk = align_down(self.max_chunk, g).max(g);
+        let cap = offset.saturating_add(chunk.saturating_mul(TASK_SPAN));
+        let mut end = cap.min(win_end);
+        let mut data = 0u64;
+        let first = pieces.partition_point(|p| p.end() <= offset);
+        for p in pieces[first..].iter().take_while(|p| p.off < end) {
+            if p.src == Src::Base {
+                continue;
+            }
+            let (s, e) = (p.off.max(offset), p.end().min(end));
+            if data + (e - s) >= chunk {
+                let at = s + (chunk - data);
+                end = at.div_ceil(g).saturating_mul(g).min(end);
+                break;
+            }
+            data += e - s;
+        }
+        (end - offset).max(g.min(win_end - offset))
+    }
+
     /// Where `[off, end)` of layer `d` lives (the first extent; the range
     /// lies within the layer). Asks the driver directly: the job knows the
     /// layers' sizes.
@@ -507,15 +537,14 @@ impl StreamJob {
         l.driver().block_status(off, len).at(l.path())
     }
 
-    /// Where `[off, end)` (unallocated in the top) lives above the base, as
-    /// sorted pieces covering the range. Each layer, from the top's backing
-    /// down, is asked only about what the layers above it left
+    /// Where the ranges `todo` (sorted, unallocated in the top) live above
+    /// the base, as sorted pieces covering them. Each layer, from the top's
+    /// backing down, is asked only about what the layers above it left
     /// unallocated, so a deep chain costs one walk per layer, not one
     /// descent per piece.
-    fn sources(&self, off: u64, end: u64) -> Result<Vec<Piece>> {
+    fn sources(&self, mut todo: Vec<(u64, u64)>) -> Result<Vec<Piece>> {
         let above_base = self.base.unwrap_or(self.layers.len());
         let mut pieces = Vec::new();
-        let mut todo = vec![(off, end)];
         for d in 1..above_base {
             let size = self.sizes[d];
             let mut next: Vec<(u64, u64)> = Vec::new();
@@ -990,16 +1019,26 @@ impl StreamJob {
         let mut failed: Option<String> = None;
         // Map the range from `at`.
         let map_at = |at: u64| -> Mapped {
-            let ext = self.layer_status(0, at, size - at)?;
-            if ext.status.is_allocated() {
-                return Ok(Err(ext.len));
+            // Windows end on a granule boundary (or at the end), so every
+            // task is granule-aligned; ranges the top holds inside a window
+            // get no pieces (and are skipped again by the tasks).
+            let end = size.min(align_down(at.saturating_add(self.window), g).max(at + g));
+            let mut holes: Vec<(u64, u64)> = Vec::new();
+            let mut p = at;
+            while p < end {
+                let ext = self.layer_status(0, p, end - p)?;
+                if !ext.status.is_allocated() {
+                    match holes.last_mut() {
+                        Some(h) if h.1 == p => h.1 = ext.end(),
+                        _ => holes.push((p, ext.end())),
+                    }
+                }
+                p = ext.end();
             }
-            // Windows end on a granule boundary (or where the top's
-            // unallocated extent ends), so every task is granule-aligned.
-            let end = ext
-                .end()
-                .min(align_down(at.saturating_add(self.window), g).max(at + g));
-            Ok(Ok((end, Arc::new(self.sources(at, end)?))))
+            if holes.is_empty() {
+                return Ok(Err(end - at));
+            }
+            Ok(Ok((end, Arc::new(self.sources(holes)?))))
         };
         // A mapping made ahead of time, and where it starts.
         let mut ahead: Option<(u64, Mapped)> = None;
@@ -1145,24 +1184,23 @@ impl StreamJob {
                 window = None;
                 continue;
             }
-            // Skip whole granules that are unallocated down to the base.
+            // Skip whole granules that the top holds or that are
+            // unallocated down to the base.
             let first = pieces.partition_point(|p| p.end() <= offset);
-            let leave_end = pieces[first..]
-                .iter()
-                .take_while(|p| p.src == Src::Base)
-                .last()
-                .map_or(offset, |p| p.end().min(win_end));
-            let skip = if leave_end >= win_end {
-                win_end - offset
-            } else {
-                align_down(leave_end, g).saturating_sub(offset)
+            let skip = match pieces[first..].iter().find(|p| p.src != Src::Base) {
+                None => win_end - offset,
+                Some(p) => align_down(p.off.max(offset), g) - offset,
             };
             if skip > 0 {
                 ctx.add_progress(skip);
                 offset += skip;
                 continue;
             }
-            let len = self.chunk_len(speed, g).min(win_end - offset);
+            let len = if speed == 0 {
+                self.task_len(&pieces, offset, win_end)
+            } else {
+                self.chunk_len(speed, g).min(win_end - offset)
+            };
             let t = Task {
                 off: offset,
                 len,
