@@ -985,8 +985,8 @@ impl StreamJob {
         let d = uring::io_counters().since(&before);
         eprintln!(
             "imgpull: stream: copied {} bytes, zeroed {} bytes in {:.3} s; data bytes through \
-             io_uring {:.1}% (read {}, written {}, spliced {}; pread/pwrite {}); metadata \
-             {} read, {} written",
+             io_uring {:.1}% (read {}, written {}, spliced {}, registered buffers {}; \
+             pread/pwrite {}); metadata {} read, {} written",
             self.stats.copied(),
             self.stats.zeroed(),
             t0.elapsed().as_secs_f64(),
@@ -994,6 +994,7 @@ impl StreamJob {
             d.uring_read,
             d.uring_written,
             d.uring_spliced,
+            d.uring_fixed,
             d.pread_bytes(),
             d.meta_read,
             d.meta_written,

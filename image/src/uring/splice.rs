@@ -47,8 +47,20 @@ const PIPES: usize = 4;
 /// (a link chain ends with its submission), with room for another.
 const MAX_SEGS: usize = 48;
 
-/// Largest buffer of the buffered fallback.
+/// Size of each buffer of the buffered path.
 const BUF_BYTES: usize = 1 << 20;
+
+/// Buffers of the buffered path, shared by all threads (a thread copying
+/// waits for one when all are in use).
+const BUF_COUNT: usize = 8;
+
+/// The buffered path's buffers: registered ones (see [`super::FixedPool`]),
+/// or `None` where the pool cannot be made.
+fn buffer_pool() -> Option<&'static super::FixedPool> {
+    static POOL: OnceLock<Option<super::FixedPool>> = OnceLock::new();
+    POOL.get_or_init(|| super::FixedPool::new(BUF_COUNT, BUF_BYTES).ok())
+        .as_ref()
+}
 
 /// A failed [`copy`]: the side that failed, and its error.
 #[derive(Debug)]
@@ -377,14 +389,29 @@ fn run_chains(
 }
 
 /// Copy the requests through a buffer with the storages' own reads and
-/// writes (at most [`BUF_BYTES`] at a time).
+/// writes (at most [`BUF_BYTES`] at a time, in a registered buffer where
+/// the pool could be made).
 fn copy_buffered(
     dst: &dyn Storage,
     dst_offset: u64,
     srcs: &[CopySrc<'_>],
 ) -> Result<(), CopyError> {
     let total: u64 = srcs.iter().map(|s| s.len).sum();
-    let mut buf = vec![0u8; total.min(BUF_BYTES as u64) as usize];
+    if total == 0 {
+        return Ok(());
+    }
+    let want = total.min(BUF_BYTES as u64) as usize;
+    let (mut fixed, mut plain);
+    let buf: &mut [u8] = match buffer_pool() {
+        Some(pool) => {
+            fixed = pool.get();
+            &mut fixed[..want]
+        }
+        None => {
+            plain = vec![0u8; want];
+            &mut plain[..]
+        }
+    };
     let mut done = 0u64;
     let mut si = 0usize;
     let mut s_done = 0u64;
