@@ -23,14 +23,24 @@
 //! guest content, reading what lies below for the parts that are not
 //! copied from an intermediate layer (copy-on-write).
 //!
-//! A dispatcher thread walks the image and hands ranges (up to 4 MiB,
-//! merged across clusters) to worker threads, several in flight. Each
-//! worker holds the top's range lock for its range and re-checks the
-//! range is still unallocated in the top (guest writes may race with the
-//! job), reads its sources in [`Storage::submit`] batches, prepares, writes
-//! and commits. Under a speed limit, data is written in small pieces, each
-//! charged to the token bucket just before it is written; only copied
-//! bytes are charged.
+//! A dispatcher thread maps the image a window (64 MiB) at a time: the
+//! top's unallocated ranges, then, layer by layer from the top's backing
+//! down, where those ranges live (each layer is asked only about what the
+//! layers above it left unallocated). It hands tasks to worker threads,
+//! several in flight: at full speed a task holds about 4 MiB to copy
+//! (spanning up to 8 times that of a sparse chain). A worker holds the
+//! top's range lock for its task, re-checks what is still unallocated in
+//! the top (guest writes may race with the job), plans its granules, makes
+//! the zero ranges, then copies the data ranges in one pass: one
+//! [`Driver::prepare_write_many`] (the task's new clusters in one
+//! allocation, contiguous in the top), one copy of all its data pieces
+//! file to file ([`uring::copy`]: spliced through a pipe in io_uring, one
+//! in-kernel copy of the bytes), the odd parts through a buffer, then one
+//! commit. Under a speed limit, data is written range by range in small
+//! pieces, each charged to the token bucket just before it is written;
+//! only copied bytes are charged.
+//!
+//! [`Driver::prepare_write_many`]: imgpull_image::Driver::prepare_write_many
 //!
 //! At the end the top is flushed, then its backing file is rewritten to
 //! the base (absolute path, or relative to the top's directory) or
