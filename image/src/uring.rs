@@ -19,7 +19,7 @@
 //! | `IMGPULL_IO_BACKEND` | `auto` (default), `uring`, `pread`; `uring` where io_uring is unavailable fails at open with the probe's reason |
 //! | `IMGPULL_O_DIRECT` | `1` to open files with O_DIRECT where the file system supports it (io_uring backend only); default buffered |
 //! | `IMGPULL_LOG` | set (not `0`) to log the backend choice to stderr, once |
-//! | `IMGPULL_SPLICE` | `0` to copy through buffers instead of splicing (see [`copy`]) |
+//! | `IMGPULL_SPLICE` | `1` to copy by splicing instead of through registered buffers (see [`copy`]) |
 //!
 //! # Ring ownership
 //!
@@ -51,8 +51,8 @@
 //! such table reads and writes, so the io_uring backend does metadata with
 //! `pread`/`pwrite` (O_DIRECT files excepted: they keep the aligned path)
 //! and counts those bytes apart ([`IoCounters::meta_read`]); data moves
-//! through the ring in batches ([`Storage::submit`], [`submit_many`]) and
-//! by splicing ([`copy`]).
+//! through the ring in batches ([`Storage::submit`], [`submit_many`],
+//! [`copy`]).
 //!
 //! # O_DIRECT
 //!
@@ -84,21 +84,22 @@
 //! files are not used: no measurable gain (the descriptor lookup is an
 //! atomic increment next to a 64 KiB copy).
 //!
-//! # Copies by splicing
+//! # Copies
 //!
-//! [`copy`] moves file ranges into another file without user memory:
-//! linked `IORING_OP_SPLICE` requests through a pipe, one copy of the data
-//! in the kernel instead of two (see the `splice` module).
+//! [`copy`] moves file ranges into another file through the ring, several
+//! 1 MiB chains in flight: reads into registered buffers, then one write
+//! per buffer (or, with `IMGPULL_SPLICE=1`, spliced through pipes; see the
+//! `copy` module for why buffers are the default).
 //!
 //! # Counters
 //!
 //! [`io_counters`] reports the data bytes each backend moved, process-wide
 //! and monotonic, so a benchmark can check which backend carried the data.
 
+mod copy;
 mod direct;
 mod fixed;
 mod ring;
-mod splice;
 
 use std::fs::File;
 use std::io;
@@ -116,9 +117,9 @@ use ring::{
     URING_WRITTEN,
 };
 
+pub use copy::{copy, CopyError, CopyReq, CopySrc, ENV_SPLICE, PIPE_BYTES};
 pub use fixed::{FixedBuf, FixedPool};
 pub use ring::RING_ENTRIES;
-pub use splice::{copy, CopyError, CopyReq, CopySrc, ENV_SPLICE, PIPE_BYTES};
 
 /// [`Storage::backend_name`] of [`UringFile`].
 pub const URING_NAME: &str = "io_uring";
@@ -299,6 +300,7 @@ pub fn uring_available() -> std::result::Result<(), String> {
 }
 
 fn probe_uring() -> std::result::Result<(), String> {
+    ring::join_anchor();
     let mut ring = IoUring::new(4).map_err(|e| format!("cannot create an io_uring: {e}"))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()

@@ -34,9 +34,9 @@
 //! the zero ranges, then copies the data ranges in one pass: one
 //! [`Driver::prepare_write_many`] (the task's new clusters in one
 //! allocation, contiguous in the top), one copy of all its data pieces
-//! file to file ([`uring::copy`]: spliced through a pipe in io_uring, one
-//! in-kernel copy of the bytes), the odd parts through a buffer, then one
-//! commit. Under a speed limit, data is written range by range in small
+//! file to file ([`uring::copy`]: 1 MiB chains through registered buffers
+//! of io_uring, several in flight), the odd parts through a buffer, then
+//! one commit. Under a speed limit, data is written range by range in small
 //! pieces, each charged to the token bucket just before it is written;
 //! only copied bytes are charged.
 //!
@@ -837,10 +837,9 @@ impl StreamJob {
 
     /// Allocate the data runs `writes` in the top (in one step, so their
     /// host space is contiguous), fill them and link them in with one
-    /// commit. Data pieces are copied file to file
-    /// ([`uring::copy`]: spliced in the kernel where it can); the rest of a
-    /// run (zeros and the base's view in part of a granule, compressed
-    /// clusters) goes through a buffer.
+    /// commit. Data pieces are copied file to file ([`uring::copy`]); the
+    /// rest of a run (zeros and the base's view in part of a granule,
+    /// compressed clusters) goes through a buffer.
     fn copy_runs(&self, pieces: &[Piece], writes: &[(u64, u64)]) -> TaskResult {
         if writes.is_empty() {
             return Ok(());
