@@ -27,7 +27,7 @@
 //! top's unallocated ranges, then, layer by layer from the top's backing
 //! down, where those ranges live (each layer is asked only about what the
 //! layers above it left unallocated). It hands tasks to worker threads,
-//! several in flight: at full speed a task holds about 4 MiB to copy
+//! several in flight: at full speed a task holds about 8 MiB to copy
 //! (spanning up to 8 times that of a sparse chain). A worker holds the
 //! top's range lock for its task, re-checks what is still unallocated in
 //! the top (guest writes may race with the job), plans its granules, makes
@@ -68,7 +68,7 @@ use crate::ratelimit::piece_for;
 use crate::status::JobType;
 
 /// Bytes to copy handed to one worker when there is no speed limit.
-pub const MAX_CHUNK: u64 = 4 << 20;
+pub const MAX_CHUNK: u64 = 8 << 20;
 /// How many times `max_chunk` of the guest a full-speed task may span.
 pub const TASK_SPAN: u64 = 8;
 /// Default number of worker threads.
