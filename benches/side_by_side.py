@@ -108,7 +108,10 @@ class Qmp:
                 time.sleep(0.01)
         else:
             raise RuntimeError("qemu-storage-daemon did not open its QMP socket")
+        # A job that never reports must not hang the benchmark.
+        self.sock.settimeout(120)
         self.f = self.sock.makefile("rw")
+        self.events = []  # events that arrived while waiting for a reply
         json.loads(self.f.readline())  # greeting
         self.cmd("qmp_capabilities")
 
@@ -130,8 +133,14 @@ class Qmp:
                 return r["return"]
             if "error" in r:
                 raise RuntimeError(f"{name}: {r['error']}")
+            if "event" in r:
+                self.events.append(r)
 
     def wait_event(self, name):
+        # A short job can finish before the command that started it returns.
+        for i, r in enumerate(self.events):
+            if r.get("event") == name:
+                return self.events.pop(i)
         while True:
             r = self.recv()
             if r.get("event") == name:
