@@ -969,3 +969,64 @@ fn corrupted_images_never_panic() {
     }
     assert!(opened > 50, "only {opened} corrupted images opened");
 }
+
+#[test]
+fn ranges_prepared_together_get_one_allocation() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let cs = 65536u64;
+    for opts in ["cluster_size=64k", "extended_l2=on,cluster_size=64k"] {
+        let p = dir.path().join("many.qcow2");
+        let _ = std::fs::remove_file(&p);
+        let size = 64 * cs;
+        create(&p, size, None, opts);
+        qemu_io(&p, &[format!("write -P 0x11 {} {}", 10 * cs, cs)]);
+        let mut model = vec![0u8; size as usize];
+        model[(10 * cs) as usize..(11 * cs) as usize].fill(0x11);
+        let img = open(&p, true);
+        let g = img.driver().granularity();
+        // Disjoint ranges in order: new clusters, an allocated cluster,
+        // more new clusters, and two granules of one cluster (with
+        // subclusters they share it).
+        let ranges = [
+            (2 * cs, 2 * cs),
+            (10 * cs, cs),
+            (20 * cs, 3 * cs),
+            (30 * cs, g),
+            (30 * cs + 2 * g, g),
+        ];
+        let runs = img.driver().prepare_write_many(&ranges).unwrap();
+        let covered: u64 = runs.iter().map(|r| r.len).sum();
+        assert_eq!(covered, ranges.iter().map(|r| r.1).sum::<u64>(), "{opts}");
+        assert!(
+            runs.iter().all(|r| r.fresh != (r.guest / cs == 10)),
+            "{opts}: {runs:?}"
+        );
+        // The new host clusters, in the order of the ranges, are
+        // consecutive: one allocation.
+        let mut clusters: Vec<(u64, u64)> = Vec::new();
+        for r in runs.iter().filter(|r| r.fresh) {
+            for ci in r.guest / cs..(r.guest + r.len).div_ceil(cs) {
+                // Host offset of the start of guest cluster `ci`.
+                let c = (ci, r.host + ci * cs - r.guest);
+                if clusters.last() != Some(&c) {
+                    clusters.push(c);
+                }
+            }
+        }
+        let want = if g < cs { 6 } else { 7 };
+        assert_eq!(clusters.len(), want, "{opts}: {runs:?}");
+        for w in clusters.windows(2) {
+            assert_eq!(w[1].1, w[0].1 + cs, "{opts}: {runs:?}");
+        }
+        for (i, r) in runs.iter().enumerate() {
+            let data = vec![0x40 + i as u8; r.len as usize];
+            img.storage().write_at(&data, r.host).unwrap();
+            model[r.guest as usize..(r.guest + r.len) as usize].copy_from_slice(&data);
+        }
+        img.driver().commit_write(&runs).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        check_clean(&p);
+        compare_to_model(&p, &model, dir.path());
+    }
+}

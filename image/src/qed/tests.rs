@@ -1006,3 +1006,51 @@ fn prepare_write_allocates_contiguous_runs() {
     drop(image);
     assert_check_clean(&img);
 }
+
+#[test]
+fn ranges_prepared_together_get_one_contiguous_allocation() {
+    let dir = tempdir();
+    let img = dir.path().join("many.qed");
+    let cs = 65536u64;
+    // Not a multiple of the cluster size: the last range ends at the
+    // virtual size.
+    let size = 40 * cs + 4096;
+    qemu_create(&img, size, "cluster_size=65536");
+    qemu_io(&img, &[&format!("write -P 0x11 {} {}", 10 * cs, cs)]);
+    let mut expect = vec![0u8; size as usize];
+    expect[(10 * cs) as usize..(11 * cs) as usize].fill(0x11);
+    let q = open_driver(&img, true);
+    let ranges = [
+        (2 * cs, 2 * cs),
+        (10 * cs, cs),
+        (20 * cs, 3 * cs),
+        (24 * cs, cs),
+        (40 * cs, 4096),
+    ];
+    let runs = q.prepare_write_many(&ranges).unwrap();
+    // The allocated cluster is written in place; the new space of all the
+    // ranges is one extent, in the order of the ranges.
+    let fresh: Vec<_> = runs.iter().filter(|r| r.fresh).collect();
+    assert!(runs
+        .iter()
+        .any(|r| !r.fresh && r.guest == 10 * cs && r.len == cs));
+    for w in fresh.windows(2) {
+        assert_eq!(
+            w[1].host,
+            w[0].host + w[0].len.div_ceil(cs) * cs,
+            "{runs:?}"
+        );
+    }
+    let covered: u64 = runs.iter().map(|r| r.len).sum();
+    assert_eq!(covered, ranges.iter().map(|r| r.1).sum::<u64>());
+    for (i, r) in runs.iter().enumerate() {
+        let data = vec![0x40 + i as u8; r.len as usize];
+        q.storage().write_at(&data, r.host).unwrap();
+        expect[r.guest as usize..(r.guest + r.len) as usize].copy_from_slice(&data);
+    }
+    q.commit_write(&runs).unwrap();
+    Driver::flush(&q).unwrap();
+    drop(q);
+    assert_check_clean(&img);
+    assert!(qemu_raw(&img, dir.path()) == expect);
+}
