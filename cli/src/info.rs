@@ -8,14 +8,27 @@ use serde_json::{json, Map, Value};
 
 use crate::size::size_to_str;
 
+/// The file's length (in whole sectors, as QEMU's file node reports it)
+/// and the bytes the file system allocated for it.
+fn file_sizes(img: &Image) -> Result<(u64, u64)> {
+    let storage = img.storage();
+    let io = |e| Error::io("reading file size", e).with_path(img.path());
+    let len = storage.len().map_err(io)?.div_ceil(512) * 512;
+    Ok((len, storage.allocated_bytes().map_err(io)?))
+}
+
+/// qemu-img's `full-backing-filename`: the recorded name resolved against
+/// the image's directory (the name itself if it cannot be resolved).
+fn full_backing_name(img: &Image, name: &str) -> String {
+    resolve_backing(img.path(), name)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| name.to_string())
+}
+
 /// One image's info as a JSON object with qemu-img's keys.
 pub fn info_json(img: &Image) -> Result<Value> {
     let info = img.info();
-    let storage = img.storage();
-    let io = |e| Error::io("reading file size", e).with_path(img.path());
-    // QEMU's file node reports its length in whole sectors.
-    let file_len = storage.len().map_err(io)?.div_ceil(512) * 512;
-    let actual = storage.allocated_bytes().map_err(io)?;
+    let (file_len, actual) = file_sizes(img)?;
     let filename = img.path().display().to_string();
     let mut m = Map::new();
     m.insert(
@@ -55,9 +68,7 @@ pub fn info_json(img: &Image) -> Result<Value> {
         );
     }
     if let Some(b) = &info.backing {
-        let full = resolve_backing(img.path(), &b.name)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| b.name.clone());
+        let full = full_backing_name(img, &b.name);
         m.insert("full-backing-filename".into(), json!(full));
         m.insert("backing-filename".into(), json!(b.name));
     }
@@ -84,11 +95,7 @@ fn info_value_text(v: &InfoValue) -> String {
 /// One image's info in qemu-img's human form.
 pub fn info_human(img: &Image) -> Result<String> {
     let info = img.info();
-    let storage = img.storage();
-    let io = |e| Error::io("reading file size", e).with_path(img.path());
-    // QEMU's file node reports its length in whole sectors.
-    let file_len = storage.len().map_err(io)?.div_ceil(512) * 512;
-    let actual = storage.allocated_bytes().map_err(io)?;
+    let (file_len, actual) = file_sizes(img)?;
     let name = img.path().display().to_string();
     let mut s = String::new();
     s += &format!("image: {name}\n");
@@ -103,9 +110,7 @@ pub fn info_human(img: &Image) -> Result<String> {
         s += &format!("cluster_size: {cs}\n");
     }
     if let Some(b) = &info.backing {
-        let full = resolve_backing(img.path(), &b.name)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| b.name.clone());
+        let full = full_backing_name(img, &b.name);
         if full == b.name {
             s += &format!("backing file: {}\n", b.name);
         } else {
@@ -132,7 +137,7 @@ pub fn info_human(img: &Image) -> Result<String> {
         size_to_str(file_len)
     );
     s += &format!("    disk size: {}\n", size_to_str(actual));
-    s += &format!("    I/O backend: {}\n", storage.backend_name());
+    s += &format!("    I/O backend: {}\n", img.storage().backend_name());
     Ok(s)
 }
 

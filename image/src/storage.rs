@@ -80,7 +80,9 @@ pub trait Storage: Send + Sync + Debug {
     fn flush(&self) -> io::Result<()>;
 
     /// Current length of the file in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file().metadata()?.len())
+    }
 
     /// Whether the file is empty.
     fn is_empty(&self) -> io::Result<bool> {
@@ -93,10 +95,15 @@ pub trait Storage: Send + Sync + Debug {
     /// Whether `[offset, offset + len)` starts with data or a hole, and how
     /// many bytes from `offset` share that answer (at least 1, at most `len`).
     /// Offsets at or past the end of the file are a hole.
-    fn allocation(&self, offset: u64, len: u64) -> io::Result<(Allocation, u64)>;
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<(Allocation, u64)> {
+        file_allocation(self.file(), offset, len)
+    }
 
     /// Bytes of the file actually allocated on disk (`st_blocks * 512`).
-    fn allocated_bytes(&self) -> io::Result<u64>;
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file().metadata()?.blocks() * 512)
+    }
 
     /// Short name of the I/O backend, shown by `imgpull info` and in logs.
     fn backend_name(&self) -> &'static str;
@@ -188,21 +195,8 @@ impl Storage for SyncFile {
         self.file.sync_data()
     }
 
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
-    }
-
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
-    }
-
-    fn allocation(&self, offset: u64, len: u64) -> io::Result<(Allocation, u64)> {
-        file_allocation(&self.file, offset, len)
-    }
-
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata()?.blocks() * 512)
     }
 
     fn backend_name(&self) -> &'static str {

@@ -110,7 +110,7 @@ use std::sync::{Once, OnceLock, RwLock};
 use io_uring::{opcode, IoUring};
 
 use crate::error::{Error, Result};
-use crate::storage::{file_allocation, Allocation, IoReq, Storage, SyncFile};
+use crate::storage::{IoReq, Storage, SyncFile};
 use direct::{Align, AlignedBuf};
 use ring::{
     Op, META_READ, META_WRITTEN, PREAD_READ, PREAD_WRITTEN, URING_FIXED, URING_READ, URING_SPLICED,
@@ -432,20 +432,8 @@ impl Storage for PreadFile {
         self.inner.flush()
     }
 
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
-    }
-
-    fn allocation(&self, offset: u64, len: u64) -> io::Result<(Allocation, u64)> {
-        self.inner.allocation(offset, len)
-    }
-
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        self.inner.allocated_bytes()
     }
 
     fn backend_name(&self) -> &'static str {
@@ -679,24 +667,11 @@ impl Storage for UringFile {
         self.file.sync_data()
     }
 
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
-    }
-
     fn set_len(&self, len: u64) -> io::Result<()> {
         let _excl = self
             .direct
             .map(|_| self.rmw.write().unwrap_or_else(|p| p.into_inner()));
         self.file.set_len(len)
-    }
-
-    fn allocation(&self, offset: u64, len: u64) -> io::Result<(Allocation, u64)> {
-        file_allocation(&self.file, offset, len)
-    }
-
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata()?.blocks() * 512)
     }
 
     fn backend_name(&self) -> &'static str {

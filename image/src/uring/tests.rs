@@ -5,6 +5,7 @@
 //! File contents are checked with `std::fs::read`, not with our own reads.
 
 use super::*;
+use crate::storage::Allocation;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
